@@ -1,0 +1,1 @@
+"""CLIP: open_clip models, our checkpoint/export format, and zero-shot / retrieval evaluation."""

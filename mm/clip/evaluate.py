@@ -1,0 +1,77 @@
+"""Zero-shot classification and image<->text retrieval for CLIP models.
+
+`build_zero_shot_head` turns class names x prompt templates into one unit vector per class
+(mean of the template embeddings, as in Radford et al. 2021); classification is then a matmul.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def encode_texts(model, tokenizer, texts: list[str], device, batch_size: int = 256) -> torch.Tensor:
+    """[N] strings -> [N, D] unit vectors."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenizer(texts[i:i + batch_size]).to(device)
+        out.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_images(model, images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] preprocessed -> [B, D] unit vectors."""
+    return F.normalize(model.encode_image(images).float(), dim=-1)
+
+
+@torch.no_grad()
+def build_zero_shot_head(model, tokenizer, classnames: list[str], templates: list[str], device) -> torch.Tensor:
+    """[C, D]: per class, the normalised mean of its prompt embeddings ("a photo of a {}." x class)."""
+    prompts = [t.format(c) for c in classnames for t in templates]
+    emb = encode_texts(model, tokenizer, prompts, device).view(len(classnames), len(templates), -1)
+    return F.normalize(emb.mean(dim=1), dim=-1)
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
+    """Number of rows whose label is among the top-k logits, for each k (k capped at the class count)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    return {k: int(hits[:, :k].any(dim=1).sum()) for k in ks}
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model, head: torch.Tensor, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device,
+                       autocast: Callable = torch.autocast) -> dict[str, float]:
+    """Top-1/top-5 accuracy of `head` ([C, D]) on (images [B,3,H,W], labels [B]) batches."""
+    n, correct = 0, {1: 0, 5: 0}
+    for images, labels in batches:
+        feats = encode_images(model, images.to(device))
+        for k, v in topk_correct(feats @ head.T, labels.to(device)).items():
+            correct[k] += v
+        n += len(labels)
+    if n == 0:
+        raise ValueError("zero-shot evaluation set is empty")
+    return {"zeroshot_top1": correct[1] / n, "zeroshot_top5": correct[5] / n, "zeroshot_n": n}
+
+
+@torch.no_grad()
+def retrieval_recall(model, tokenizer, batches: Iterable[tuple[torch.Tensor, list[str]]], device,
+                     ks=(1, 5)) -> dict[str, float]:
+    """Image->text and text->image recall@k on held-out (images, captions) pairs; pair i matches i.
+
+    Several images can share a caption text; a retrieval counts as correct if it finds the paired item.
+    """
+    img, txt = [], []
+    for images, captions in batches:
+        img.append(encode_images(model, images.to(device)))
+        txt.append(encode_texts(model, tokenizer, list(captions), device))
+    img, txt = torch.cat(img), torch.cat(txt)
+    labels = torch.arange(len(img), device=img.device)
+    sims = img @ txt.T
+    i2t, t2i = topk_correct(sims, labels, ks), topk_correct(sims.T, labels, ks)
+    out = {f"retrieval_i2t_r@{k}": i2t[k] / len(img) for k in ks}
+    out.update({f"retrieval_t2i_r@{k}": t2i[k] / len(img) for k in ks})
+    return out
