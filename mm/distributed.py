@@ -12,12 +12,27 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """[B, D] on each rank -> [world*B, D] on every rank, rank order, with gradient flowing back to
-    each rank's own slice (the backward sums the gradients from every rank: a reduce-scatter)."""
-    _, n = world()
-    if n == 1:
-        return x
-    import torch.distributed.nn.functional as dist_fn
+class _GatherWithGrad(torch.autograd.Function):
+    # Ours because torch.distributed.nn.functional.all_gather is deprecated and its suggested
+    # replacement keeps autograd in a private module. Works with gloo (CPU) and nccl alike.
+    @staticmethod
+    def forward(ctx, x):
+        _, n = world()
+        parts = [torch.empty_like(x) for _ in range(n)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
 
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    @staticmethod
+    def backward(ctx, grad):
+        rank, n = world()
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on this rank's rows: sum their gradients
+        b = grad.shape[0] // n
+        return grad[rank * b:(rank + 1) * b]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """[B, D] on each rank (same B everywhere) -> [world*B, D] on every rank, in rank order, with
+    gradient flowing back to each rank's own slice."""
+    _, n = world()
+    return x if n == 1 else _GatherWithGrad.apply(x)

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import io
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Subprocesses the tests start (recipes, servers) run on one thread: tiny models are fastest so, and with
+# several, the OpenMP threads of concurrent processes (pytest + a server + training) fight over 2 cores.
+SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def write_tar(path: Path, samples: list[dict]) -> Path:
@@ -30,7 +35,7 @@ def png_bytes(colour=(200, 30, 30), size=16) -> bytes:
 def run_recipe(args: list[str], cwd: Path = ROOT, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
     """Run recipes/clip/train.py in a fresh process, as a user would."""
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "clip" / "train.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **SUBPROCESS_ENV})
     if check and proc.returncode != 0:
         raise AssertionError(f"recipe failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -48,3 +53,10 @@ def load_recipe(name: str):
     sys.modules[mod_name] = mod  # dataclasses look their module up while the class is made
     spec.loader.exec_module(mod)
     return mod
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

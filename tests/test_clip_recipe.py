@@ -1,5 +1,6 @@
 """recipes/clip/train.py end to end on tiny data, as a user runs it (a fresh process each time)."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from mm.checkpoint import list_checkpoints, load_checkpoint, read_safetensors
-from tests.helpers import ROOT, png_bytes, run_recipe, write_tar
+from tests.helpers import ROOT, SUBPROCESS_ENV, free_port, png_bytes, run_recipe, write_tar
 
 
 def tiny_args(data, out, *extra):
@@ -48,7 +49,7 @@ def test_killed_run_resumes_to_the_same_weights(synth_data, tmp_path):
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(ROOT / "recipes/clip/train.py"), *tiny_args(synth_data, killed, *common)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **SUBPROCESS_ENV})
     while not list_checkpoints(killed / "checkpoints") and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -117,3 +118,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(synth_data, tmp_path):
     state = load_checkpoint(saved[-1][1])
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert saved[-1][1].name in proc.stderr  # the message names it
+
+
+def test_two_process_run_with_accumulation_and_checkpointing(synth_data, tmp_path):
+    """torchrun with 2 CPU (gloo) ranks: one run, one writer, a data position per rank."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                           str(ROOT / "recipes/clip/train.py"), *tiny_args(synth_data, tmp_path / "run"),
+                           "--grad_accum=2", "--grad_checkpointing=true", "--max_steps=4"],
+                          capture_output=True, text=True, env={**os.environ, **SUBPROCESS_ENV})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("final zero-shot top-1") == 1  # only rank 0 reports
+    state = load_checkpoint(tmp_path / "run/checkpoints/step_00000004.pt")
+    assert len(state["data"]) == 2 and len(state["rng"]) == 2
+    assert [d["batches"] for d in state["data"]] == [8, 8]  # 4 steps x 2 micro-batches on each rank

@@ -164,7 +164,8 @@ def main(argv: list[str]) -> dict:
 
     from accelerate import Accelerator
     mixed = {"auto": "bf16" if torch.cuda.is_available() else "no", "bf16": "bf16", "fp16": "fp16", "fp32": "no"}[cfg.precision]
-    accelerator = Accelerator(mixed_precision=mixed)
+    # cpu=True on a machine without CUDA: accelerate then runs torchrun/`accelerate launch` ranks as gloo processes
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
     is_main, device = accelerator.is_main_process, accelerator.device
     setup_logging(is_main)
     out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"

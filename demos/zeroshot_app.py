@@ -1,0 +1,86 @@
+"""Gradio demo: upload an image, type labels, see a bar chart of their probabilities under a CLIP model.
+
+    python demos/zeroshot_app.py                                  # the model recipes/clip/train.py wrote to runs/clip
+    python demos/zeroshot_app.py --checkpoint runs/clip --port 7860
+    python demos/zeroshot_app.py --model ViT-B-32 --weights vit_b32.pt
+
+Serves on http://127.0.0.1:7860 (only this machine) unless --host says otherwise. The same function
+is an API endpoint: gradio_client.Client(url).predict(handle_file("cat.jpg"), "cat, dog", api_name="/classify").
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere, without installing
+
+# A local demo has no business phoning home: no usage analytics, no version check.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from mm.zeroshot.args import add_model_args, load_classifier  # noqa: E402
+from mm.zeroshot.inputs import ImageTooLarge, NotAnImage, parse_labels  # noqa: E402
+
+EXAMPLE_LABELS = "red circle, blue square, green triangle, yellow star"
+
+
+def make_predict(classifier, max_labels: int = 64):
+    """predict(image path, labels text) -> {label: probability} for every label; gr.Error on bad input."""
+    import gradio as gr
+
+    def predict(image: str | None, labels: str) -> dict[str, float]:
+        if not image:
+            raise gr.Error("Upload an image first.")
+        try:
+            label_list = parse_labels(labels or "")
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        if not label_list:
+            raise gr.Error(f"Type at least one label, separated by commas, e.g. {EXAMPLE_LABELS}.")
+        if len(label_list) > max_labels:
+            raise gr.Error(f"Too many labels: {len(label_list)} (at most {max_labels}).")
+        try:
+            ranked = classifier.classify(image, label_list, top_k=len(label_list))[0]
+        except (NotAnImage, ImageTooLarge) as e:
+            raise gr.Error(str(e)) from None
+        return dict(ranked)
+
+    return predict
+
+
+def build_demo(classifier, max_labels: int = 64):
+    """The Blocks app: image + labels in, a gr.Label (bars of probabilities) out; API name "classify"."""
+    import gradio as gr
+
+    with gr.Blocks(title="mm zero-shot classification", analytics_enabled=False) as demo:
+        gr.Markdown("## Zero-shot image classification\nUpload an image, type the labels to choose from "
+                    f"(comma-separated), press **Classify**. Model: `{classifier.name}`")
+        with gr.Row():
+            with gr.Column():
+                # filepath: gradio only reads the header; our loader checks the pixel count before decoding
+                image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], elem_id="image")
+                labels = gr.Textbox(label="Labels", placeholder=EXAMPLE_LABELS, lines=2, elem_id="labels")
+                button = gr.Button("Classify", variant="primary", elem_id="classify")
+            with gr.Column():
+                probs = gr.Label(label="Probabilities", num_top_classes=10, elem_id="probabilities")
+        gr.on([button.click, labels.submit], make_predict(classifier, max_labels), [image, labels], probs,
+              api_name="classify")
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 exposes it (default: %(default)s)")
+    p.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
+    p.add_argument("--max-labels", type=int, default=64, help="labels per request (default: %(default)s)")
+    args = p.parse_args(argv)
+    classifier = load_classifier(args)  # exits with "train one with python recipes/clip/train.py" if missing
+    demo = build_demo(classifier, args.max_labels)
+    demo.launch(server_name=args.host, server_port=args.port, share=False, max_file_size="10mb")
+
+
+if __name__ == "__main__":
+    main()

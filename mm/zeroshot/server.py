@@ -1,0 +1,168 @@
+"""A small JSON API for zero-shot classification: one uploaded image against the labels you send.
+
+    python -m mm.zeroshot.server --checkpoint runs/clip          # http://127.0.0.1:8000/docs
+    curl -F image=@cat.jpg -F labels="cat,dog,car" http://127.0.0.1:8000/classify
+
+Endpoints: POST /classify (multipart: image file, labels as "a,b" or a JSON list, optional top_k and
+templates), GET /health, OpenAPI at /docs and /openapi.json. Binds to 127.0.0.1 unless --host says
+otherwise. Bad input gets a 4xx with {"detail": message}:
+    400 labels or templates unusable (none, too many, too long, malformed)
+    413 request or image file over the size limit, or an image with too many pixels (decompression bomb)
+    415 the upload is not a decodable image
+    422 a required field is missing or of the wrong type (FastAPI's own validation)
+Anything unexpected is a JSON 500 without a trace (the trace goes to the server log).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from mm.zeroshot.args import add_model_args, load_classifier
+from mm.zeroshot.classifier import DEFAULT_TEMPLATES, ZeroShotClassifier
+from mm.zeroshot.inputs import DEFAULT_MAX_PIXELS, ImageTooLarge, NotAnImage, open_image, parse_labels
+
+log = logging.getLogger("mm.zeroshot.server")
+FORM_OVERHEAD = 64 * 1024  # bytes a multipart body may carry beyond the image: boundaries, labels, templates
+MAX_LABEL_CHARS = 200  # per label or template; the tokenizer keeps far fewer tokens anyway
+MAX_TEMPLATES = 16
+TEMPLATES_HELP = f"JSON list of prompts, {{}} marks the label; default {json.dumps(list(DEFAULT_TEMPLATES[:2]))}, ..."
+
+
+class Prediction(BaseModel):
+    label: str
+    probability: float
+
+
+class ClassifyResponse(BaseModel):
+    predictions: list[Prediction]  # best first
+    model: str
+
+
+class LimitRequestBody:
+    """ASGI middleware: answer 413 for request bodies over `max_bytes`, before they are parsed or spooled.
+
+    Checks Content-Length when sent, and counts streamed bytes otherwise (chunked uploads).
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self.too_large()(scope, receive, send)
+        seen = 0
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:  # an HTTPException passes through FastAPI's body parsing as itself
+                raise HTTPException(413, self.message())
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    def message(self) -> str:
+        return f"request body over the limit of {self.max_bytes:,} bytes"
+
+    def too_large(self) -> JSONResponse:
+        return JSONResponse({"detail": self.message()}, status_code=413)
+
+
+def parse_form_labels(labels: str, templates: str | None, max_labels: int) -> tuple[list[str], list[str] | None]:
+    """Validated (labels, templates) from the form fields; HTTPException(400) says what is wrong."""
+    try:
+        label_list = parse_labels(labels)
+        template_list = parse_labels(templates) if templates else None
+    except ValueError as e:
+        raise HTTPException(400, str(e)) from None
+    if not label_list:
+        raise HTTPException(400, 'no labels: send labels as "cat,dog" or a JSON list ["cat", "dog"]')
+    if len(label_list) > max_labels:
+        raise HTTPException(400, f"too many labels: {len(label_list)} (at most {max_labels})")
+    if template_list is not None and (len(template_list) > MAX_TEMPLATES or any("{}" not in t for t in template_list)):
+        raise HTTPException(400, f"templates: at most {MAX_TEMPLATES}, each with '{{}}' where the label goes")
+    if any(len(x) > MAX_LABEL_CHARS for x in label_list + (template_list or [])):
+        raise HTTPException(400, f"labels and templates are limited to {MAX_LABEL_CHARS} characters each")
+    return label_list, template_list
+
+
+def read_upload(image: UploadFile, max_bytes: int, max_pixels: int):
+    """The uploaded file as a decoded RGB image; 413 when too big (bytes or pixels), 415 when not an image."""
+    data = image.file.read(max_bytes + 1)  # never more than one byte past the limit
+    if len(data) > max_bytes:
+        raise HTTPException(413, f"image file over the limit of {max_bytes:,} bytes")
+    if not data:
+        raise HTTPException(415, "the uploaded image file is empty")
+    try:
+        return open_image(data, max_pixels)
+    except ImageTooLarge as e:
+        raise HTTPException(413, str(e)) from None
+    except NotAnImage as e:
+        raise HTTPException(415, str(e)) from None
+
+
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"detail": "internal server error (see the server log)"}, status_code=500)
+
+
+def create_app(classifier: ZeroShotClassifier, max_labels: int = 64, max_upload_bytes: int = 8_000_000,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> FastAPI:
+    """The FastAPI app serving `classifier`."""
+    app = FastAPI(title="mm zero-shot classification",
+                  description="Classify an image against labels you choose, with a CLIP model.")
+    app.add_middleware(LimitRequestBody, max_bytes=max_upload_bytes + FORM_OVERHEAD)
+    app.add_exception_handler(Exception, internal_error)
+
+    @app.get("/health")
+    def health() -> dict:
+        """Liveness, and what this server runs and accepts."""
+        return {"status": "ok", "model": classifier.name, "device": str(classifier.device),
+                "max_labels": max_labels, "max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels}
+
+    # A plain `def`: FastAPI runs it in a worker thread, so inference never blocks the event loop.
+    @app.post("/classify", response_model=ClassifyResponse,
+              responses={400: {"description": "unusable labels or templates"},
+                         413: {"description": "upload or image too large"},
+                         415: {"description": "not an image"}})
+    def classify(image: UploadFile = File(..., description="the image (PNG, JPEG, WebP, ...)"),
+                 labels: str = Form(..., description='"cat,dog" or ["cat", "dog"]'),
+                 top_k: int = Form(5, ge=1, description="labels to return, best first"),
+                 templates: str | None = Form(None, description=TEMPLATES_HELP)):
+        """Probabilities of the labels for the image (softmax over the given labels)."""
+        label_list, template_list = parse_form_labels(labels, templates, max_labels)
+        img = read_upload(image, max_upload_bytes, max_pixels)
+        ranked = classifier.classify(img, label_list, template_list, top_k=top_k)[0]
+        return {"predictions": [{"label": lab, "probability": p} for lab, p in ranked], "model": classifier.name}
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m mm.zeroshot.server", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 exposes it to the network "
+                                                       "(default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--max-labels", type=int, default=64, help="labels per request (default: %(default)s)")
+    p.add_argument("--max-upload-bytes", type=int, default=8_000_000, help="image file size (default: %(default)s)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="width x height (default: %(default)s)")
+    args = p.parse_args(argv)
+    clf = load_classifier(args, max_pixels=args.max_pixels)
+    app = create_app(clf, args.max_labels, args.max_upload_bytes, args.max_pixels)
+    import uvicorn
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()
