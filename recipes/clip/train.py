@@ -49,9 +49,9 @@ class CLIPConfig:
     resampled: bool = False  # draw shards with replacement (infinite stream) instead of epoch passes
     epoch_samples: int = 0  # samples per epoch across all ranks (0: one pass over the shards)
     shuffle_buffer: int = 2000  # samples held in each worker's shuffle buffer
-    num_workers: int = 1  # DataLoader workers per rank
+    num_workers: int = 0  # DataLoader workers per rank (0: in-process, fastest on 2 CPU cores)
     # --- model
-    model: str = "mm-tiny-vit-64"  # open_clip model name (ViT-B-32, ...) or path to a JSON model config
+    model: str = "mm-tiny-rn-64"  # open_clip model name (ViT-B-32, ...) or path to a JSON model config
     pretrained: str | None = None  # local open_clip checkpoint file to start from
     loss: str = "clip"  # clip (softmax InfoNCE) or siglip (sigmoid)
     lock_image: bool = False  # LiT: freeze the image tower
@@ -60,10 +60,10 @@ class CLIPConfig:
     # --- optimisation
     batch_size: int = 128  # per process, per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step (each micro-batch is its own contrastive batch)
-    max_steps: int = 1600  # optimizer steps
+    max_steps: int = 900  # optimizer steps
     lr: float = 2e-3  # peak learning rate
     min_lr_ratio: float = 0.02  # final lr as a fraction of the peak
-    warmup_steps: int = 150  # linear warmup steps
+    warmup_steps: int = 50  # linear warmup steps
     weight_decay: float = 0.1  # AdamW decay on weight matrices (not norms, biases, embeddings, logit scale)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.98  # AdamW beta2
@@ -74,9 +74,9 @@ class CLIPConfig:
     # --- run
     out_dir: str = "runs/clip"  # checkpoints, metrics.jsonl, tensorboard/, export/, config.yaml
     resume: str | None = None  # "latest" or a checkpoint path; required to reuse an out_dir with checkpoints
-    ckpt_every: int = 400  # steps between checkpoints
+    ckpt_every: int = 300  # steps between checkpoints
     keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
-    eval_every: int = 800  # steps between evaluations (0: only at the end)
+    eval_every: int = 300  # steps between evaluations (0: only at the end)
     log_every: int = 20  # steps between metrics.jsonl rows
     tensorboard: bool = True  # also log to <out_dir>/tensorboard
     wandb_project: str | None = None  # log to this wandb project (needs `pip install wandb`)
