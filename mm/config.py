@@ -39,11 +39,11 @@ def field_comments(cls) -> dict[str, str]:
 
 def describe_fields(cls) -> str:
     """One line per field: name, type, default and comment. Printed by --help and in errors."""
-    comments = field_comments(cls)
+    comments, hints = field_comments(cls), _hints(cls)
     lines = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  --{f.name}={default!r}  ({_type_name(_hints(cls)[f.name])})  {comments.get(f.name, '')}".rstrip())
+        lines.append(f"  --{f.name}={default!r}  ({_type_name(hints[f.name])})  {comments.get(f.name, '')}".rstrip())
     return "\n".join(lines)
 
 
@@ -62,12 +62,11 @@ def coerce(value: Any, tp, key: str) -> Any:
         args = typing.get_args(tp)
         if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in _NONE)):
             return None
-        errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
                 return coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"--{key}: {value!r} is not a {_type_name(tp)}")
     if origin in (list, tuple):
         (item_tp, *_) = typing.get_args(tp) or (str,)
