@@ -13,8 +13,12 @@ if [ ! -x "$venv/bin/python" ]; then
     echo "[setup] creating $venv"
     "$py" -m venv "$venv"
 fi
-extras=""; [ "$want" = test ] && extras="[test]"
-stamp="$venv/.mm-installed$( [ "$want" = test ] && echo -test)"
+case "$want" in
+    run) extras="" ;;
+    test) extras="[test]" ;;
+    *) echo "usage: bash setup.sh [run|test]" >&2; exit 2 ;;
+esac
+stamp="$venv/.mm-installed-$want"
 key=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$key" ]; then
     echo "[setup] installing mm$extras into $venv (first time: ~5 GB for torch, a few minutes)"
@@ -23,9 +27,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$key" ]; then
     echo "$key" > "$stamp"
 fi
 
-if [ "$want" = test ] && ! command -v chromium >/dev/null; then
-    echo "[setup] installing Debian's chromium for the browser test"
+# Debian packages: curl opens http(s):// shards (webdataset pipes through it); chromium runs the demo's browser test.
+apt_pkgs="curl"
+if [ "$want" = test ]; then apt_pkgs="curl chromium"; fi
+missing=$(for p in $apt_pkgs; do command -v "$p" >/dev/null || echo "$p"; done)
+if [ -n "$missing" ]; then
+    echo "[setup] installing Debian packages:" $missing
     SUDO=""; [ "$(id -u)" != 0 ] && SUDO=sudo
-    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
 fi
 echo "[setup] ready: $venv/bin/python"

@@ -154,3 +154,23 @@ def test_missing_remote_shard_counts_as_bad(shards):
 def test_eval_batches_cover_everything_in_order(shards):
     batches = list(iterate_eval_batches(str(shards / "part-{00..01}.tar"), decode, collate, batch_size=8))
     assert labels_of(batches) == [i for i in range(20) if i != 13]
+
+
+def test_http_shards_are_read_and_a_404_is_counted(shards):
+    """Shards served over http:// (webdataset opens them with curl), one URL missing."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shards))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        [src] = expand_shard_spec(f"{base}/part-{{00..01}}.tar")
+        counts = {"bad_samples": 0, "bad_shards": 0}
+        got = [int(s["cls"]) for s in read_tar_samples([*src.urls, f"{base}/missing.tar"], counts)]
+    finally:
+        server.shutdown()
+    assert got == list(range(20)) and counts["bad_shards"] == 1
