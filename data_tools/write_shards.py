@@ -38,8 +38,9 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from mm.zeroshot.inputs import IMAGE_EXTENSIONS  # one list of image file types for the whole kit
+
 KINDS = ("auto", "folder", "manifest", "classes")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MANIFEST_EXTS = (".csv", ".tsv", ".jsonl")
 SHARD_PATTERN = "shard-%06d.tar"
 SHARD_NAME = re.compile(r"shard-\d{6}\.tar")
@@ -97,7 +98,7 @@ def walk_files(root: str) -> Iterator[str]:
 
 
 def is_image_file(path: str) -> bool:
-    return path.lower().endswith(IMAGE_EXTS)
+    return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def list_folder_items(root: str) -> list[Item]:

@@ -53,7 +53,7 @@ def check_labels(labels: Sequence[str], templates: Sequence[str]) -> None:
     if len(set(labels)) != len(labels):
         raise ValueError(f"labels repeat: {sorted({x for x in labels if list(labels).count(x) > 1})}")
     if not templates or any("{}" not in t for t in templates):
-        raise ValueError(f"each prompt template needs a '{{}}' where the label goes, got {list(templates)!r}")
+        raise ValueError(f"templates: each needs a '{{}}' where the label goes, got {list(templates)!r}")
 
 
 def as_batch(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:

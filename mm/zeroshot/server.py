@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from mm.zeroshot.args import add_model_args, load_classifier
-from mm.zeroshot.classifier import DEFAULT_TEMPLATES, ZeroShotClassifier
+from mm.zeroshot.classifier import DEFAULT_TEMPLATES, ZeroShotClassifier, check_labels
 from mm.zeroshot.inputs import DEFAULT_MAX_PIXELS, ImageTooLarge, NotAnImage, open_image, parse_labels
 
 log = logging.getLogger("mm.zeroshot.server")
@@ -88,10 +88,14 @@ def parse_form_labels(labels: str, templates: str | None, max_labels: int) -> tu
         raise HTTPException(400, 'no labels: send labels as "cat,dog" or a JSON list ["cat", "dog"]')
     if len(label_list) > max_labels:
         raise HTTPException(400, f"too many labels: {len(label_list)} (at most {max_labels})")
-    if template_list is not None and (len(template_list) > MAX_TEMPLATES or any("{}" not in t for t in template_list)):
-        raise HTTPException(400, f"templates: at most {MAX_TEMPLATES}, each with '{{}}' where the label goes")
+    if template_list is not None and len(template_list) > MAX_TEMPLATES:
+        raise HTTPException(400, f"too many templates: {len(template_list)} (at most {MAX_TEMPLATES})")
     if any(len(x) > MAX_LABEL_CHARS for x in label_list + (template_list or [])):
         raise HTTPException(400, f"labels and templates are limited to {MAX_LABEL_CHARS} characters each")
+    try:  # the classifier's own checks, answered here as a 400 rather than raised inside the handler
+        check_labels(label_list, template_list or DEFAULT_TEMPLATES)
+    except ValueError as e:
+        raise HTTPException(400, str(e)) from None
     return label_list, template_list
 
 
