@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere, without installi
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from mm.zeroshot.args import add_model_args, load_classifier  # noqa: E402
-from mm.zeroshot.inputs import ImageTooLarge, NotAnImage, parse_labels  # noqa: E402
+from mm.zeroshot.inputs import labels_from_text  # noqa: E402
 
 EXAMPLE_LABELS = "red circle, blue square, green triangle, yellow star"
 
@@ -34,16 +34,9 @@ def make_predict(classifier, max_labels: int = 64):
         if not image:
             raise gr.Error("Upload an image first.")
         try:
-            label_list = parse_labels(labels or "")
-        except ValueError as e:
-            raise gr.Error(str(e)) from None
-        if not label_list:
-            raise gr.Error(f"Type at least one label, separated by commas, e.g. {EXAMPLE_LABELS}.")
-        if len(label_list) > max_labels:
-            raise gr.Error(f"Too many labels: {len(label_list)} (at most {max_labels}).")
-        try:
+            label_list = labels_from_text(labels, max_labels)
             ranked = classifier.classify(image, label_list, top_k=len(label_list))[0]
-        except (NotAnImage, ImageTooLarge) as e:
+        except ValueError as e:  # bad labels, NotAnImage, ImageTooLarge: all say what to change
             raise gr.Error(str(e)) from None
         return dict(ranked)
 

@@ -99,6 +99,17 @@ def parse_labels(text: str | Iterable[str]) -> list[str]:
     return list(dict.fromkeys(labels))
 
 
+def labels_from_text(text: str, max_labels: int) -> list[str]:
+    """`parse_labels` for what a person typed or sent: ValueError when there are none or more than `max_labels`."""
+    labels = parse_labels(text or "")
+    if not labels:
+        raise ValueError('no labels. Type at least one label, separated by commas ("cat, dog"), '
+                         'or send a JSON list ["cat", "dog"].')
+    if len(labels) > max_labels:
+        raise ValueError(f"too many labels: {len(labels)} (at most {max_labels})")
+    return labels
+
+
 def read_lines(path: str | Path) -> list[str]:
     """Non-empty, stripped lines of a text file (labels or templates files); '#' starts a comment line."""
     lines = Path(path).read_text(encoding="utf-8").splitlines()

@@ -24,7 +24,8 @@ from pydantic import BaseModel
 
 from mm.zeroshot.args import add_model_args, load_classifier
 from mm.zeroshot.classifier import DEFAULT_TEMPLATES, ZeroShotClassifier, check_labels
-from mm.zeroshot.inputs import DEFAULT_MAX_PIXELS, ImageTooLarge, NotAnImage, open_image, parse_labels
+from mm.zeroshot.inputs import (DEFAULT_MAX_PIXELS, ImageTooLarge, NotAnImage, labels_from_text, open_image,
+                               parse_labels)
 
 log = logging.getLogger("mm.zeroshot.server")
 FORM_OVERHEAD = 64 * 1024  # bytes a multipart body may carry beyond the image: boundaries, labels, templates
@@ -80,14 +81,10 @@ class LimitRequestBody:
 def parse_form_labels(labels: str, templates: str | None, max_labels: int) -> tuple[list[str], list[str] | None]:
     """Validated (labels, templates) from the form fields; HTTPException(400) says what is wrong."""
     try:
-        label_list = parse_labels(labels)
+        label_list = labels_from_text(labels, max_labels)
         template_list = parse_labels(templates) if templates else None
     except ValueError as e:
         raise HTTPException(400, str(e)) from None
-    if not label_list:
-        raise HTTPException(400, 'no labels: send labels as "cat,dog" or a JSON list ["cat", "dog"]')
-    if len(label_list) > max_labels:
-        raise HTTPException(400, f"too many labels: {len(label_list)} (at most {max_labels})")
     if template_list is not None and len(template_list) > MAX_TEMPLATES:
         raise HTTPException(400, f"too many templates: {len(template_list)} (at most {MAX_TEMPLATES})")
     if any(len(x) > MAX_LABEL_CHARS for x in label_list + (template_list or [])):
