@@ -20,7 +20,6 @@ Writes <out>/results.json with every figure, and each side's full log under <out
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -36,9 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mm.clip.evaluate import build_zero_shot_head, retrieval_recall, zero_shot_accuracy  # noqa: E402
+from mm.clip.evaluate import evaluate_clip  # noqa: E402
 from mm.clip.model import MODEL_CONFIG_DIR, create_clip, load_clip  # noqa: E402
-from mm.shards import IMAGE_KEYS, TEXT_KEYS, first_key, iterate_eval_batches  # noqa: E402
 
 SYNTH_DIR = "data/clip_synth"  # the recipe's built-in data; generated here if missing (60000 train samples)
 SYNTH_TRAIN = 60000  # same as CLIPConfig.synthetic_train, so neither side regenerates the data
@@ -254,26 +252,8 @@ def load_peer_model(ckpt_path: str, model_name: str, device):
 
 def score(model, preprocess, tokenizer, device) -> dict[str, float]:
     """Zero-shot top-1/top-5 on data/clip_synth/zeroshot and retrieval R@1 on .../val, as the recipe scores."""
-    from PIL import Image
-
-    def image(sample):
-        return preprocess(Image.open(io.BytesIO(first_key(sample, IMAGE_KEYS, "image"))).convert("RGB"))
-
-    def labelled(sample):
-        return image(sample), json.loads(sample["json"])["label_index"]
-
-    def pair(sample):
-        return image(sample), first_key(sample, TEXT_KEYS, "caption").decode("utf-8").strip()
-
-    zs = ROOT / SYNTH_DIR / "zeroshot"
-    head = build_zero_shot_head(model, tokenizer, json.loads((zs / "classnames.json").read_text()),
-                                json.loads((zs / "templates.json").read_text()), device)
-    stack_labels = lambda items: (torch.stack([i for i, _ in items]), torch.tensor([y for _, y in items]))  # noqa: E731
-    stack_texts = lambda items: (torch.stack([i for i, _ in items]), [c for _, c in items])  # noqa: E731
-    out = zero_shot_accuracy(model, head, iterate_eval_batches(str(zs), labelled, stack_labels, 256), device)
-    out.update(retrieval_recall(model, tokenizer, iterate_eval_batches(str(ROOT / SYNTH_DIR / "val"), pair,
-                                                                       stack_texts, 256), device, ks=(1,)))
-    return out
+    return evaluate_clip(model, preprocess, tokenizer, device, str(ROOT / SYNTH_DIR / "zeroshot"),
+                         str(ROOT / SYNTH_DIR / "val"), recall_ks=(1,))
 
 
 # ---------------------------------------------------------------------------- report

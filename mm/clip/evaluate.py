@@ -5,10 +5,15 @@
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+
+from mm.clip.data import collate_labels, collate_texts, labelled_decoder, pair_decoder
+from mm.shards import iterate_eval_batches
 
 
 @torch.no_grad()
@@ -74,4 +79,21 @@ def retrieval_recall(model, tokenizer, batches: Iterable[tuple[torch.Tensor, lis
     i2t, t2i = topk_correct(sims, labels, ks), topk_correct(sims.T, labels, ks)
     out = {f"retrieval_i2t_r@{k}": i2t[k] / len(img) for k in ks}
     out.update({f"retrieval_t2i_r@{k}": t2i[k] / len(img) for k in ks})
+    return out
+
+
+def evaluate_clip(model, preprocess, tokenizer, device, zeroshot_data: str | None = None,
+                  val_data: str | None = None, recall_ks=(1, 5), batch_size: int = 256) -> dict[str, float]:
+    """Zero-shot top-1/top-5 on `zeroshot_data` (labelled shards + classnames.json + templates.json beside
+    them) and retrieval recall@k on `val_data` (image-caption shards); either may be None to skip it."""
+    out = {}
+    if zeroshot_data:
+        zs = Path(zeroshot_data)
+        head = build_zero_shot_head(model, tokenizer, json.loads((zs / "classnames.json").read_text()),
+                                    json.loads((zs / "templates.json").read_text()), device)
+        batches = iterate_eval_batches(zeroshot_data, labelled_decoder(preprocess), collate_labels, batch_size)
+        out.update(zero_shot_accuracy(model, head, batches, device))
+    if val_data:
+        batches = iterate_eval_batches(val_data, pair_decoder(preprocess), collate_texts, batch_size)
+        out.update(retrieval_recall(model, tokenizer, batches, device, ks=recall_ks))
     return out

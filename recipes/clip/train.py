@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -25,14 +24,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere, without installing
 
 from mm import checkpoint as ckpt  # noqa: E402
-from mm.clip.evaluate import build_zero_shot_head, retrieval_recall, zero_shot_accuracy  # noqa: E402
+from mm.clip.data import pair_decoder, token_collate  # noqa: E402
+from mm.clip.evaluate import evaluate_clip  # noqa: E402
 from mm.clip.model import clamp_logit_scale, create_clip, export_clip, lock_image_tower  # noqa: E402
 from mm.config import ConfigError, parse_config, save_config  # noqa: E402
 from mm.losses import clip_loss, contrastive_accuracy, siglip_loss  # noqa: E402
 from mm.metrics import MetricsLogger, check_finite, setup_logging  # noqa: E402
 from mm.optim import param_groups, warmup_cosine  # noqa: E402
-from mm.shards import (IMAGE_KEYS, TEXT_KEYS, LoaderPosition, ShardStream, expand_shard_spec,  # noqa: E402
-                       first_key, iterate_eval_batches, make_loader)
+from mm.shards import LoaderPosition, ShardStream, expand_shard_spec, make_loader  # noqa: E402
 
 log = logging.getLogger("mm.clip")
 SYNTH_DIR = "data/clip_synth"
@@ -105,50 +104,9 @@ def ensure_builtin_data(cfg: CLIPConfig, is_main: bool, accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-# ---------------------------------------------------------------------------- data decoding
-
-def make_decoders(preprocess, tokenizer):
-    """decode(raw sample) -> item and collate(items) -> batch, for train/val (captions) and zero-shot (labels)."""
-    from PIL import Image
-
-    def load_image(sample):
-        img = Image.open(io.BytesIO(first_key(sample, IMAGE_KEYS, "image")))
-        return preprocess(img.convert("RGB"))
-
-    def decode_pair(sample):
-        caption = first_key(sample, TEXT_KEYS, "caption").decode("utf-8").strip()
-        if not caption:
-            raise ValueError("empty caption")
-        return load_image(sample), caption
-
-    def decode_labelled(sample):
-        return load_image(sample), json.loads(sample["json"])["label_index"]
-
-    def collate_train(items):
-        return torch.stack([i for i, _ in items]), tokenizer([c for _, c in items])
-
-    def collate_val(items):
-        return torch.stack([i for i, _ in items]), [c for _, c in items]
-
-    def collate_labelled(items):
-        return torch.stack([i for i, _ in items]), torch.tensor([y for _, y in items])
-
-    return decode_pair, decode_labelled, collate_train, collate_val, collate_labelled
-
-
-def evaluate(cfg, model, tokenizer, decoders, device) -> dict[str, float]:
-    decode_pair, decode_labelled, _, collate_val, collate_labelled = decoders
+def evaluate(cfg, model, preprocess, tokenizer, device) -> dict[str, float]:
     model.eval()
-    out = {}
-    if cfg.zeroshot_data:
-        zs = Path(cfg.zeroshot_data)
-        classnames = json.loads((zs / "classnames.json").read_text())
-        templates = json.loads((zs / "templates.json").read_text())
-        head = build_zero_shot_head(model, tokenizer, classnames, templates, device)
-        out.update(zero_shot_accuracy(model, head, iterate_eval_batches(cfg.zeroshot_data, decode_labelled,
-                                                                        collate_labelled, 256), device))
-    if cfg.val_data:
-        out.update(retrieval_recall(model, tokenizer, iterate_eval_batches(cfg.val_data, decode_pair, collate_val, 256), device))
+    out = evaluate_clip(model, preprocess, tokenizer, device, cfg.zeroshot_data, cfg.val_data)
     model.train()
     return out
 
@@ -207,9 +165,7 @@ def main(argv: list[str]) -> dict:
     # --- data: this rank's slice, continuing exactly where the checkpoint left it
     rank, world = accelerator.process_index, accelerator.num_processes
     position = LoaderPosition(cfg.num_workers, state["data"][rank] if state else None)
-    decoders = make_decoders(pre_train, tokenizer)
-    eval_decoders = make_decoders(pre_val, tokenizer)
-    dataset = ShardStream(sources, decoders[0], decoders[2], cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
+    dataset = ShardStream(sources, pair_decoder(pre_train), token_collate(tokenizer), cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
                           num_workers=cfg.num_workers, resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer,
                           epoch_samples=cfg.epoch_samples or None)
     batches = iter(make_loader(dataset, cfg.num_workers, position))
@@ -275,14 +231,14 @@ def main(argv: list[str]) -> dict:
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             last_ckpt = save(step)
         if is_main and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-            results = evaluate(cfg, accelerator.unwrap_model(model), tokenizer, eval_decoders, device)
+            results = evaluate(cfg, accelerator.unwrap_model(model), pre_val, tokenizer, device)
             metrics.log(step, results)
             bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
     bar.close()
 
     if is_main:
         export_dir = export_clip(accelerator.unwrap_model(model), model_cfg, out_dir / "export")
-        results = results or evaluate(cfg, accelerator.unwrap_model(model), tokenizer, eval_decoders, device)
+        results = results or evaluate(cfg, accelerator.unwrap_model(model), pre_val, tokenizer, device)
         results.update({"step": step, "checkpoint": last_ckpt, "export": str(export_dir),
                         "bad_samples": position.bad_samples, "bad_shards": position.bad_shards})
         (out_dir / "results.json").write_text(json.dumps(results, indent=1))
