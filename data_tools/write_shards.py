@@ -38,7 +38,7 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from mm.zeroshot.inputs import IMAGE_EXTENSIONS  # one list of image file types for the whole kit
+from mm.media import IMAGE_EXTENSIONS  # one list of image file types for the whole kit
 
 KINDS = ("auto", "folder", "manifest", "classes")
 MANIFEST_EXTS = (".csv", ".tsv", ".jsonl")

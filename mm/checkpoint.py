@@ -74,21 +74,47 @@ def resolve_resume(resume: str | None, ckpt_dir: str | Path) -> Path | None:
     return p
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, truncated, or holding more than tensors and plain data."""
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    # weights_only=False: our checkpoints hold RNG states and plain Python objects. Only load files you trust.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint's contents, read with `weights_only=True`: tensors and plain containers only, so a
+    file from anyone can be opened without running code. Anything else is a CheckpointError naming the file."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message suggests weights_only=False; we never do. Keep only what it found.
+        found = re.search(r"(unsupported \w+ [\w.]+|Unsupported global: \S+ [\w.]+)", str(e), flags=re.I)
+        raise CheckpointError(f"{path}: refused: it holds Python objects other than tensors and plain containers, "
+                              f"and loading it could run code ({found.group(1) if found else 'not a weights file'})") from None
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt? "
+                              f"({type(e).__name__}: {str(e)[:300]})") from None
 
 
 def capture_rng() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain containers (loadable with weights_only=True)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"python": [py_version, list(py_state), py_gauss],
+             "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                       "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -27,9 +27,6 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 log = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-TEXT_KEYS = ("txt", "caption", "text")
-
 
 class ShardSpecError(ValueError):
     """A shard spec that names no readable shards. The message names the spec."""
@@ -281,14 +278,6 @@ def make_loader(dataset: ShardStream, num_workers: int, position: LoaderPosition
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None, pin_memory=torch.cuda.is_available())
-
-
-def first_key(sample: dict, keys: tuple[str, ...], what: str) -> bytes:
-    """The value of the first of `keys` present in `sample`; a clear error naming the sample if none is."""
-    for k in keys:
-        if k in sample:
-            return sample[k]
-    raise KeyError(f"no {what} ({'/'.join(keys)}) in sample {sample.get('__key__')}; has {sorted(k for k in sample if not k.startswith('__'))}")
 
 
 def iterate_eval_batches(spec: str, decode: Callable[[dict], Any], collate: Callable[[list], Any],

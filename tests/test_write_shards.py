@@ -16,7 +16,9 @@ import webdataset as wds
 from PIL import Image
 
 from data_tools.write_shards import detect_kind, main, resized_size, write_shards
-from mm.shards import IMAGE_KEYS, TEXT_KEYS, read_tar_samples
+from mm.decoders import TEXT_KEYS
+from mm.media import IMAGE_KEYS
+from mm.shards import read_tar_samples
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,7 +12,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from mm.clip.data import collate_labels, collate_texts, labelled_decoder, pair_decoder
+from mm.clip.data import collate_labels, collate_texts
+from mm.decoders import labelled_decoder, pair_decoder
 from mm.shards import iterate_eval_batches
 
 

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere, without installing
 
 from mm import checkpoint as ckpt  # noqa: E402
-from mm.clip.data import pair_decoder, token_collate  # noqa: E402
+from mm.clip.data import token_collate  # noqa: E402
+from mm.decoders import pair_decoder  # noqa: E402
 from mm.clip.evaluate import evaluate_clip  # noqa: E402
 from mm.clip.model import clamp_logit_scale, create_clip, export_clip, lock_image_tower  # noqa: E402
 from mm.config import ConfigError, parse_config, save_config  # noqa: E402
