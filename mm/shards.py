@@ -1,35 +1,49 @@
-"""WebDataset shard loading as a chain of generator stages, resumable to the exact sample.
+"""Sample streams from WebDataset tar shards and JSONL manifests, as a chain of generator stages,
+resumable to the exact sample:
 
-    list shards -> split by node and worker -> read tar -> shuffle -> [skip to resume point] -> decode -> batch
+    list shards -> split by node and worker -> read (tar | jsonl) -> shuffle
+        -> [skip what was trained, replay what a batcher held] -> decode -> batch (a batcher)
 
-Shard specs: brace expansion (`train-{000000..000099}.tar`), several sources joined by `::`
-(open_clip's convention) with optional weights, local paths or folders of `.tar` files,
-`http(s)://` URLs and `pipe:` commands.
+Specs: brace expansion (`train-{000000..000099}.tar`), several sources joined by `::` (open_clip's
+convention) with optional weights, local paths or folders of `.tar` / `.jsonl` files, `http(s)://`
+URLs and `pipe:` commands. A `.jsonl` source is a manifest: each line is one sample (a user's chat
+JSONL or audio manifest, read as it is; paths inside it are relative to the manifest's folder).
 
 Why our own stages rather than `wds.WebDataset(...)`: its pipeline keeps no position we could save,
 so a resumed run would see different samples. Here each worker's stream is a pure function of
-(seed, epoch, rank, worker), every batch carries the worker's position in it, and a resumed run
-skips (reads, does not decode) the samples it already trained on. We still use webdataset for
-what it does well: brace expansion, opening local/http/pipe URLs, and tar-to-sample grouping.
+(seed, epoch, rank, worker), every batch carries the worker's position in it and the samples its
+batcher still holds, and a resumed run skips (reads, does not decode) what it already trained on,
+following the resume rule written in mm/batching.py. We still use webdataset for what it does well:
+brace expansion, opening local/http/pipe URLs, and grouping tar members into samples.
 """
 from __future__ import annotations
 
 import logging
 import os
 import random
+import tarfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
+
+from mm.batching import SampleTooLong, check_replay
 
 log = logging.getLogger(__name__)
+
+COUNTS = ("bad_samples", "bad_shards", "too_long")  # what a stream counts and skips, never fatal
+SHARD_EXTENSIONS = (".tar", ".tgz", ".tar.gz", ".jsonl")
 
 
 class ShardSpecError(ValueError):
     """A shard spec that names no readable shards. The message names the spec."""
+
+
+class TruncatedShard(IOError):
+    """A tar shard that ends without tar's end-of-archive block: cut short, or corrupt past some point."""
 
 
 @dataclass
@@ -42,10 +56,15 @@ def _is_remote(url: str) -> bool:
     return url.startswith(("http://", "https://", "pipe:", "s3://", "gs://"))
 
 
+def is_manifest(url: str) -> bool:
+    return url.split("?")[0].endswith(".jsonl")
+
+
 def expand_shard_spec(spec: str, weights: list[float] | None = None) -> list[Source]:
     """`spec` -> sources of shard URLs. Local shards must exist and be non-empty; fails naming the spec."""
     if not spec or not spec.strip():
-        raise ShardSpecError("empty shard spec: set train_data to a path, folder, URL or brace pattern of .tar shards")
+        raise ShardSpecError("empty shard spec: set train_data to a path, folder, URL or brace pattern of .tar "
+                             "shards or .jsonl manifests")
     parts = [p for p in spec.split("::") if p.strip()]
     if weights is not None and len(weights) != len(parts):
         raise ShardSpecError(f"{len(weights)} weights for {len(parts)} sources in shard spec {spec!r}")
@@ -54,7 +73,7 @@ def expand_shard_spec(spec: str, weights: list[float] | None = None) -> list[Sou
         urls: list[str] = []
         for url in wds.shardlists.expand_urls(part):
             if not _is_remote(url) and os.path.isdir(url):
-                urls += sorted(os.path.join(url, f) for f in os.listdir(url) if f.endswith(".tar"))
+                urls += sorted(os.path.join(url, f) for f in os.listdir(url) if f.endswith(SHARD_EXTENSIONS))
             else:
                 urls.append(url)
         local = [u for u in urls if not _is_remote(u)]
@@ -70,38 +89,103 @@ def expand_shard_spec(spec: str, weights: list[float] | None = None) -> list[Sou
 
 # ---------------------------------------------------------------- stages (each a generator)
 
-def list_epoch_shards(sources: list[Source], seed: int, epoch: int, slot: int, n_slots: int,
-                      resampled: bool) -> Iterator[str]:
-    """Shard URLs for one worker slot (rank * num_workers + worker) in one epoch.
+@dataclass(frozen=True)
+class Unit:
+    """What one worker reads next: a shard, or every `stride`-th line (from `offset`) of a manifest."""
+    url: str
+    offset: int = 0
+    stride: int = 1
+
+
+def line_split(url: str, n_files: int, n_slots: int) -> bool:
+    """Whether a manifest is split by line (every slot reads it, keeping every n-th line) rather than
+    dealt whole: so when its source has fewer files than there are worker slots."""
+    return is_manifest(url) and n_files < n_slots
+
+
+def list_epoch_units(sources: list[Source], seed: int, epoch: int, slot: int, n_slots: int,
+                     resampled: bool) -> Iterator[Unit]:
+    """What one worker slot (rank * num_workers + worker) reads in one epoch.
 
     Not resampled: all shards, shuffled with (seed, epoch), dealt round-robin to the slots.
     Resampled: an endless draw with replacement, a source by weight then a shard within it.
+    A manifest in a source with fewer files than slots is split by line instead (`line_split`),
+    so one JSONL file feeds any number of workers.
     """
+    def unit(url: str, n_files: int) -> Unit:
+        return Unit(url, slot, n_slots) if line_split(url, n_files, n_slots) else Unit(url)
+
     if resampled:
         rng = random.Random(f"{seed}-{epoch}-{slot}")
         weights = [s.weight for s in sources]
         while True:
             src = rng.choices(sources, weights=weights)[0]
-            yield rng.choice(src.urls)
-    urls = [u for s in sources for u in s.urls]
+            yield unit(rng.choice(src.urls), len(src.urls))
+    urls = [(u, len(s.urls)) for s in sources for u in s.urls]
     random.Random(f"{seed}-{epoch}").shuffle(urls)
-    yield from urls[slot::n_slots]
+    units = [unit(u, n) for u, n in urls]
+    yield from (u for u in units if u.stride > 1)  # line-split manifests: every slot reads its lines of each
+    yield from [u for u in units if u.stride == 1][slot::n_slots]
 
 
-def read_tar_samples(urls: Iterable[str], counts: dict[str, int]) -> Iterator[dict[str, Any]]:
-    """Shard URLs -> raw samples {"__key__", "__url__", ext: bytes}. A shard that fails to open or
-    read is counted in counts["bad_shards"] and the stream goes on with the next one."""
-    for url in urls:
+class _LastRead:
+    """Wraps a TarFile's underlying stream to remember the last block read. tarfile (stream mode) ends
+    its member loop without an error when a header block is cut short, empty or garbled, which would lose
+    the rest of a shard silently; the block it read last tells a real end-of-archive (all zeros) apart."""
+
+    def __init__(self, raw):
+        self._raw, self.last = raw, b""
+
+    def read(self, *args):
+        self.last = self._raw.read(*args)
+        return self.last
+
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
+
+
+def read_tar_members(stream, url: str) -> Iterator[dict]:
+    """Regular files of a tar stream as {"fname", "data", "__url__"}; TruncatedShard if it ends without
+    the end-of-archive block. (webdataset's tar_file_iterator, plus that check.)"""
+    tf = tarfile.open(fileobj=stream, mode="r|*")
+    tf.fileobj = tail = _LastRead(tf.fileobj)
+    for info in tf:
+        if info.isreg() and not info.name.startswith("__"):
+            yield {"fname": info.name, "data": tf.extractfile(info).read(), "__url__": url}
+        tf.members = []  # stream mode keeps every TarInfo otherwise
+    if len(tail.last) != tarfile.BLOCKSIZE or any(tail.last):
+        yield {}  # group_by_keys' end-of-shard marker: hand on the last sample read whole (if incomplete, it fails
+        # to decode and is counted as a bad sample)
+        raise TruncatedShard("no end-of-archive block: the shard is cut short or corrupt past this point")
+
+
+def read_jsonl_lines(stream, unit: Unit) -> Iterator[dict]:
+    """Lines `offset`, `offset + stride`, ... of a JSONL manifest as raw samples
+    {"__key__": "<stem>:<line>", "__url__", "__root__": the manifest's folder, "json": line bytes}."""
+    stem = os.path.basename(unit.url).rsplit(".", 1)[0]
+    root = "" if _is_remote(unit.url) else os.path.dirname(os.path.abspath(unit.url))
+    for i, line in enumerate(stream):
+        if i % unit.stride == unit.offset and line.strip():
+            yield {"__key__": f"{stem}:{i + 1}", "__url__": unit.url, "__root__": root, "json": line}
+
+
+def read_samples(units: Iterable[Unit | str], counts: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """Shards and manifests -> raw samples. A shard that fails to open, read or end properly is counted
+    in counts["bad_shards"] (its samples up to the fault are kept) and the stream goes on with the next."""
+    for unit in units:
+        unit = Unit(unit) if isinstance(unit, str) else unit
         stream = None
         try:
-            stream = wds.gopen(url, "rb")
-            files = tar_file_iterator(stream, handler=_reraise)
-            yield from group_by_keys(({**f, "__url__": url} for f in files), handler=_reraise)
+            stream = wds.gopen(unit.url, "rb")
+            if is_manifest(unit.url):
+                yield from read_jsonl_lines(stream, unit)
+            else:
+                yield from group_by_keys(read_tar_members(stream, unit.url), handler=_reraise)
             stream, s = None, stream
             s.close()  # a pipe: that exits non-zero (e.g. a failed download) raises here
         except Exception as e:  # noqa: BLE001 - an unreadable or truncated shard is counted, not fatal
             counts["bad_shards"] += 1
-            log.warning("skipping (the rest of) shard %s: %s: %s", url, type(e).__name__, e)
+            log.warning("skipping (the rest of) shard %s: %s: %s", unit.url, type(e).__name__, e)
         finally:
             if stream is not None:
                 try:
@@ -131,15 +215,26 @@ def shuffle_samples(samples: Iterable, bufsize: int, rng: random.Random) -> Iter
     yield from buf
 
 
-def decode_samples(items: Iterable[tuple[int, int, dict]], decode: Callable[[dict], Any],
-                   counts: dict[str, int], seed: str | None = None) -> Iterator[tuple[int, int, Any]]:
-    """(epoch, position, raw) -> (epoch, position, decoded). A sample that fails to decode is
-    counted in counts["bad_samples"] and dropped.
+def skip_trained(items: Iterable[tuple[int, int, dict]], last: tuple[int, int],
+                 held: set[tuple[int, int]]) -> Iterator[tuple[int, int, dict, bool]]:
+    """Resume: drop the samples up to `last` (epoch, position) that were trained on; pass the `held`
+    ones (a batcher held them, untrained) flagged as replays; then everything after `last`."""
+    for epoch, pos, raw in items:
+        if (epoch, pos) > last:
+            yield epoch, pos, raw, False
+        elif (epoch, pos) in held:
+            yield epoch, pos, raw, True
+
+
+def decode_samples(items: Iterable[tuple], decode: Callable[[dict], Any], counts: dict[str, int],
+                   seed: str | None = None) -> Iterator[tuple]:
+    """(epoch, position, raw, *rest) -> (epoch, position, key, decoded, *rest). A sample that fails to
+    decode is counted in counts["bad_samples"] and dropped.
 
     With `seed`, the global RNGs are seeded from (seed, epoch, position) before each sample, so random
     augmentations are a function of the sample's place in the stream and repeat exactly on resume.
     """
-    for epoch, pos, raw in items:
+    for epoch, pos, raw, *rest in items:
         if seed is not None:
             s = zlib.crc32(f"{seed}-{epoch}-{pos}".encode())
             # the CPU generator only: torch.manual_seed also seeds (and, uninitialised, traces) every
@@ -155,33 +250,53 @@ def decode_samples(items: Iterable[tuple[int, int, dict]], decode: Callable[[dic
                             type(e).__name__, e)
             continue
         if out is not None:
-            yield epoch, pos, out
+            yield (epoch, pos, raw.get("__key__"), out, *rest)
 
 
-def batch_samples(items: Iterable[tuple[int, int, Any]], batch_size: int, collate: Callable[[list], Any],
-                  worker: int, counts: dict[str, int]) -> Iterator[tuple[Any, dict]]:
-    """Group decoded samples into batches; each batch carries this worker's position after it."""
-    buf = []
-    for epoch, pos, item in items:
-        buf.append(item)
-        if len(buf) == batch_size:
-            yield collate(buf), {"worker": worker, "epoch": epoch, "position": pos, **counts}
-            buf = []
+def batch_samples(items: Iterable[tuple], batcher, collate: Callable[[list], Any], worker: int,
+                  counts: dict[str, int]) -> Iterator[tuple[Any, dict]]:
+    """Feed decoded samples to `batcher`; collate each batch it completes. Each batch carries this worker's
+    state after it: the last position read, the keys still held (the resume rule, mm/batching.py), the
+    counts, and the sample keys in the batch. Replayed samples (a resume) must re-create the held state."""
+    ids: dict = {}
+    replayed: list | None = []
+    for epoch, pos, sample_id, sample, replay in items:
+        key = (epoch, pos)
+        if replay:
+            replayed.append((key, sample))
+            ids[key] = sample_id
+            continue
+        if replayed is not None:  # first new sample after a resume: the replay must have rebuilt the batcher
+            check_replay(batcher, replayed)
+            replayed = None
+        try:
+            ready = batcher.add(key, sample)
+        except SampleTooLong as e:
+            counts["too_long"] += 1
+            log.warning("skipping sample %s: %s (%d too long so far)", sample_id, e, counts["too_long"])
+            continue
+        ids[key] = sample_id
+        for batch in ready:
+            state = {"worker": worker, "epoch": epoch, "position": pos, "held": [list(k) for k in batcher.held()],
+                     **counts, "keys": [ids.pop(k) for k, _ in batch]}
+            yield collate([s for _, s in batch]), state
 
 
 # ---------------------------------------------------------------- the dataset
 
 @dataclass
 class ShardStream(torch.utils.data.IterableDataset):
-    """An endless stream of batches from WebDataset shards, one slice per rank and worker.
+    """An endless stream of batches from shards and manifests, one slice per rank and worker.
 
     Yields (batch, state). Pass the states to `LoaderPosition.update` in the training loop;
     `LoaderPosition.state_dict()` goes into the checkpoint and `resume_from` comes back from it.
+    `batcher` is a prototype (FixedBatcher, BucketBatcher, TokenPacker, or any object following
+    mm/batching.py's protocol and resume rule); each worker starts from an empty copy of it.
     """
     sources: list[Source]
     decode: Callable[[dict], Any]
     collate: Callable[[list], Any]
-    batch_size: int
+    batcher: Any
     seed: int = 0
     rank: int = 0
     world_size: int = 1
@@ -194,38 +309,43 @@ class ShardStream(torch.utils.data.IterableDataset):
     _n_slots: int = field(init=False)
 
     def __post_init__(self):
-        n_shards = sum(len(s.urls) for s in self.sources)
         self._n_slots = self.world_size * max(1, self.num_workers)
-        if not self.resampled and n_shards < self._n_slots:
+        if self.resampled and not self.epoch_samples:
             raise ShardSpecError(
-                f"{n_shards} shards for {self.world_size} ranks x {max(1, self.num_workers)} workers: each worker "
+                "resampled=true needs epoch_samples > 0: a resumed run re-reads (without decoding) its current "
+                "epoch up to where it stopped, and without epoch_samples that epoch is the whole run so far")
+        split = [line_split(u, len(s.urls), self._n_slots) for s in self.sources for u in s.urls]
+        if not self.resampled and not any(split) and len(split) < self._n_slots:
+            raise ShardSpecError(
+                f"{len(split)} shards for {self.world_size} ranks x {max(1, self.num_workers)} workers: each worker "
                 f"needs at least one. Write more shards, lower num_workers, or set resampled=true.")
 
     def worker_batches(self, worker: int) -> Iterator[tuple[Any, dict]]:
         """The whole stream of one logical worker: epochs one after another, from its resume point."""
         start = (self.resume_from or {}).get("workers", {}).get(worker, {})
-        counts = {"bad_samples": start.get("bad_samples", 0), "bad_shards": start.get("bad_shards", 0)}
-        raw = self._raw_stream(worker, start.get("epoch", 0), start.get("position", 0), counts)
+        counts = {k: start.get(k, 0) for k in COUNTS}
+        last = (start.get("epoch", 0), start.get("position", 0))
+        held = {tuple(k) for k in start.get("held", [])}
+        raw = self._raw_stream(worker, min([last[0], *(e for e, _ in held)]), counts)
         slot = self.rank * max(1, self.num_workers) + worker
-        decoded = decode_samples(raw, self.decode, counts, seed=f"{self.seed}-{slot}")
-        return batch_samples(decoded, self.batch_size, self.collate, worker, counts)
+        decoded = decode_samples(skip_trained(raw, last, held), self.decode, counts, seed=f"{self.seed}-{slot}")
+        return batch_samples(decoded, replace(self.batcher), self.collate, worker, counts)
 
-    def _raw_stream(self, worker: int, epoch: int, skip: int, counts: dict) -> Iterator[tuple[int, int, dict]]:
+    def _raw_stream(self, worker: int, epoch: int, counts: dict) -> Iterator[tuple[int, int, dict]]:
         slot = self.rank * max(1, self.num_workers) + worker
         per_worker = -(-self.epoch_samples // self._n_slots) if self.epoch_samples else None
         while True:
-            urls = list_epoch_shards(self.sources, self.seed, epoch, slot, self._n_slots, self.resampled)
+            units = list_epoch_units(self.sources, self.seed, epoch, slot, self._n_slots, self.resampled)
             rng = random.Random(f"{self.seed}-{epoch}-{slot}-shuffle")
             pos = 0
-            for pos, sample in enumerate(shuffle_samples(read_tar_samples(urls, counts), self.shuffle_buffer, rng), 1):
-                if pos > skip:  # resume: samples up to `skip` were trained on already; read, not decoded
-                    yield epoch, pos, sample
+            for pos, sample in enumerate(shuffle_samples(read_samples(units, counts), self.shuffle_buffer, rng), 1):
+                yield epoch, pos, sample
                 if per_worker is not None and pos >= per_worker:
                     break
             if pos == 0:
                 raise RuntimeError(f"worker {worker} of rank {self.rank} read no samples in epoch {epoch}: "
                                    f"every shard failed ({counts['bad_shards']} bad shards); see the warnings above")
-            epoch, skip = epoch + 1, 0
+            epoch += 1
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -247,16 +367,20 @@ class LoaderPosition:
         self.workers: dict[int, dict] = {int(k): dict(v) for k, v in state.get("workers", {}).items()}
 
     def update(self, batch_state: dict) -> None:
-        self.workers[batch_state["worker"]] = {k: v for k, v in batch_state.items() if k != "worker"}
+        self.workers[batch_state["worker"]] = {k: v for k, v in batch_state.items() if k not in ("worker", "keys")}
         self.batches += 1
+
+    def count(self, name: str) -> int:
+        """A count summed over workers: bad_samples, bad_shards or too_long."""
+        return sum(w.get(name, 0) for w in self.workers.values())
 
     @property
     def bad_samples(self) -> int:
-        return sum(w["bad_samples"] for w in self.workers.values())
+        return self.count("bad_samples")
 
     @property
     def bad_shards(self) -> int:
-        return sum(w["bad_shards"] for w in self.workers.values())
+        return self.count("bad_shards")
 
     @property
     def epoch(self) -> int:
@@ -268,7 +392,8 @@ class LoaderPosition:
         return self.batches % self.num_workers
 
     def state_dict(self) -> dict:
-        return {"num_workers": self.num_workers, "batches": self.batches, "workers": {k: dict(v) for k, v in self.workers.items()}}
+        return {"num_workers": self.num_workers, "batches": self.batches,
+                "workers": {k: dict(v) for k, v in self.workers.items()}}
 
 
 def make_loader(dataset: ShardStream, num_workers: int, position: LoaderPosition) -> torch.utils.data.DataLoader:
@@ -281,13 +406,14 @@ def make_loader(dataset: ShardStream, num_workers: int, position: LoaderPosition
 
 
 def iterate_eval_batches(spec: str, decode: Callable[[dict], Any], collate: Callable[[list], Any],
-                         batch_size: int) -> Iterator[Any]:
-    """Every sample of a (small, held-out) shard spec once, in order, in batches; bad samples skipped."""
-    counts = {"bad_samples": 0, "bad_shards": 0}
+                         batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
+    """Every sample of a (small, held-out) spec once, in order, in batches; bad samples skipped.
+    With several ranks, rank r takes samples r, r + world_size, ... (the others are read, not decoded)."""
+    counts = dict.fromkeys(COUNTS, 0)
     urls = [u for s in expand_shard_spec(spec) for u in s.urls]
-    raw = ((0, i, s) for i, s in enumerate(read_tar_samples(urls, counts)))
+    raw = ((0, i, s) for i, s in enumerate(read_samples(urls, counts)) if i % world_size == rank)
     buf = []
-    for _, _, item in decode_samples(raw, decode, counts):
+    for _, _, _, item in decode_samples(raw, decode, counts):
         buf.append(item)
         if len(buf) == batch_size:
             yield collate(buf)

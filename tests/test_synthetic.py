@@ -5,7 +5,7 @@ import pytest
 
 from data_tools.synthetic_clip import (CAPTION_TEMPLATES, MULTI_TEMPLATES, ZEROSHOT_TEMPLATES, check_prompts_unseen,
                                        class_names, ensure_synthetic_clip, make_sample)
-from mm.shards import expand_shard_spec, read_tar_samples
+from mm.shards import expand_shard_spec, read_samples
 
 
 def test_held_out_classes_and_prompts(synth_data):
@@ -13,7 +13,7 @@ def test_held_out_classes_and_prompts(synth_data):
     templates = json.loads((synth_data / "zeroshot" / "templates.json").read_text())
     assert len(names) >= 20 and len(set(names)) == len(names)
     captions = set()
-    for s in read_tar_samples(expand_shard_spec(str(synth_data / "train"))[0].urls, {"bad_shards": 0}):
+    for s in read_samples(expand_shard_spec(str(synth_data / "train"))[0].urls, {"bad_shards": 0}):
         captions.add(s["txt"].decode())
     assert len(captions) > 100
     prompts = {t.format(c) for c in names for t in templates}
@@ -27,7 +27,7 @@ def test_prompt_leak_is_caught():
 
 def test_zeroshot_labels_match_rendered_class(synth_data):
     names = class_names()
-    samples = list(read_tar_samples(expand_shard_spec(str(synth_data / "zeroshot"))[0].urls, {"bad_shards": 0}))
+    samples = list(read_samples(expand_shard_spec(str(synth_data / "zeroshot"))[0].urls, {"bad_shards": 0}))
     assert len(samples) == 2 * len(names)
     labels = [json.loads(s["json"]) for s in samples]
     assert all(names[lab["label_index"]] == lab["label"] for lab in labels)

@@ -18,7 +18,7 @@ from PIL import Image
 from data_tools.write_shards import detect_kind, main, resized_size, write_shards
 from mm.decoders import TEXT_KEYS
 from mm.media import IMAGE_KEYS
-from mm.shards import read_tar_samples
+from mm.shards import read_samples
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +39,7 @@ def write_text(path, text):
 def read_back(output, stats):
     """Samples of the shards stats.json lists, in order, via mm's own tar reader."""
     counts = collections.Counter()
-    samples = list(read_tar_samples([os.path.join(output, s) for s in stats["shards"]], counts))
+    samples = list(read_samples([os.path.join(output, s) for s in stats["shards"]], counts))
     assert counts["bad_shards"] == 0
     return samples
 
