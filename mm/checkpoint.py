@@ -1,28 +1,53 @@
-"""Checkpoints: atomic writes, keep-last-K, `latest` lookup, RNG capture and safetensors export.
+"""Checkpoint files: atomic, durable writes, keep-last-K, finding the newest one that loads, safe loading,
+RNG capture as tensors, and safetensors export. What goes into a training checkpoint is mm/train_state.py's.
 
 Layout under a run directory:
-    <out_dir>/checkpoints/step_00001000.pt   model, optimizer, scheduler, step, RNG states, data position
-    <out_dir>/model.safetensors              final weights, loadable without pickle
+    <out_dir>/checkpoints/step_00001000.pt   one file (model, optimizer, ... for a model held whole on each rank)
+    <out_dir>/checkpoints/step_00001000/     a folder (torch.distributed.checkpoint shards + train_state.pt,
+                                             for a sharded, FSDP model)
+    <out_dir>/checkpoints/.step_*.tmp        a write in progress; left behind only by a kill, removed on the
+                                             next save or resume
+Nothing is unpickled beyond tensors and plain containers (`torch.load(weights_only=True)`), so a checkpoint
+from anyone can be opened without running code.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+log = logging.getLogger(__name__)
+
+_STEP = re.compile(r"^step_(\d+)(\.pt)?$")
+_ORPHAN = re.compile(r"^\.step_\d+.*\.tmp$")
+SHARDED_STATE = "train_state.pt"  # inside a sharded checkpoint folder: everything but the DCP shards
 
 
-def atomic_write(path: str | Path, write) -> Path:
-    """Call `write(tmp_path)` then rename onto `path`: a reader never sees a half-written file,
-    and a crash mid-write leaves the previous file intact."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, truncated, or holding more than tensors and plain data."""
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename or a deletion in `path` durable: without this, a power cut can undo it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
+    """Call `write(tmp_path)` then rename onto `path`: a reader never sees a half-written file, and a crash
+    mid-write leaves the previous file intact. The file and then its folder are fsynced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -32,6 +57,7 @@ def atomic_write(path: str | Path, write) -> Path:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -39,52 +65,70 @@ def atomic_write(path: str | Path, write) -> Path:
 
 
 def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint in `ckpt_dir`, oldest first."""
+    """(step, path) of every complete checkpoint (step_*.pt files and step_* folders), oldest first."""
     d = Path(ckpt_dir)
     if not d.is_dir():
         return []
-    found = [(int(m.group(1)), d / m.group(0)) for p in d.iterdir() if (m := _STEP_FILE.match(p.name))]
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _STEP.match(p.name))
+             and (p.is_file() if m.group(2) else (p / SHARDED_STATE).is_file())]
     return sorted(found)
 
 
-def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write `state` as step_<step>.pt atomically, then delete all but the newest `keep` (0 keeps all)."""
-    path = atomic_write(Path(ckpt_dir) / f"step_{step:08d}.pt", lambda tmp: torch.save(state, tmp))
+def remove_orphans(ckpt_dir: str | Path) -> list[Path]:
+    """Delete the `.step_*.tmp` files and folders a killed write left behind; returns what was removed.
+    Call it only where no other process writes a checkpoint into `ckpt_dir` (rank 0, before its own write)."""
+    d = Path(ckpt_dir)
+    orphans = [p for p in d.iterdir() if _ORPHAN.match(p.name)] if d.is_dir() else []
+    for p in orphans:
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        log.info("removed %s, left behind by an interrupted checkpoint write", p)
+    return orphans
+
+
+def prune_checkpoints(ckpt_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (0 keeps all)."""
     if keep > 0:
         for _, old in list_checkpoints(ckpt_dir)[:-keep]:
-            old.unlink(missing_ok=True)
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+        fsync_dir(ckpt_dir)
+
+
+def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write `state` as step_<step>.pt atomically and durably, then delete all but the newest `keep`."""
+    remove_orphans(ckpt_dir)
+    path = atomic_write(Path(ckpt_dir) / f"step_{step:08d}.pt", lambda tmp: torch.save(state, tmp))
+    prune_checkpoints(ckpt_dir, keep)  # only once the new one is on disk for good
     return path
 
 
-def resolve_resume(resume: str | None, ckpt_dir: str | Path) -> Path | None:
-    """`None`/"" -> None; "latest" -> newest checkpoint in `ckpt_dir` (None if there is none); else a path."""
+def resume_candidates(resume: str | None, ckpt_dir: str | Path) -> list[Path]:
+    """The checkpoints `--resume` may mean, newest first: "latest" -> those in `ckpt_dir` (none: []);
+    a run or checkpoints folder -> those in it; a file or checkpoint folder -> just it."""
     if not resume:
-        return None
+        return []
     if resume == "latest":
-        found = list_checkpoints(ckpt_dir)
-        return found[-1][1] if found else None
+        return [p for _, p in reversed(list_checkpoints(ckpt_dir))]
     p = Path(resume)
+    if p.is_file() or (p.is_dir() and (p / SHARDED_STATE).is_file()):
+        return [p]
     if p.is_dir():
         found = list_checkpoints(p / "checkpoints") or list_checkpoints(p)
         if not found:
-            raise FileNotFoundError(f"--resume={resume}: no step_*.pt checkpoints in that folder")
-        return found[-1][1]
-    if not p.is_file():
-        raise FileNotFoundError(f"--resume={resume}: no such checkpoint file")
-    return p
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: unreadable, truncated, or holding more than tensors and plain data."""
+            raise FileNotFoundError(f"--resume={resume}: no step_* checkpoints in that folder")
+        return [q for _, q in reversed(found)]
+    raise FileNotFoundError(f"--resume={resume}: no such checkpoint file or folder")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint's contents, read with `weights_only=True`: tensors and plain containers only, so a
-    file from anyone can be opened without running code. Anything else is a CheckpointError naming the file."""
+    file from anyone can be opened without running code. Anything else is a CheckpointError naming the
+    file. A sharded checkpoint folder gives its train_state.pt (the model shards load through DCP)."""
     import pickle
 
+    path = Path(path)
+    file = path / SHARDED_STATE if path.is_dir() else path
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message suggests weights_only=False; we never do. Keep only what it found.
         found = re.search(r"(unsupported \w+ [\w.]+|Unsupported global: \S+ [\w.]+)", str(e), flags=re.I)
@@ -95,6 +139,23 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt? "
                               f"({type(e).__name__}: {str(e)[:300]})") from None
+
+
+def load_newest(candidates: list[Path]) -> tuple[Path, dict[str, Any]]:
+    """The newest of `candidates` (newest first) that loads, and its contents. Each one skipped is
+    named in a warning with why; CheckpointError listing every reason if none loads."""
+    reasons = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as e:
+            log.warning("skipping checkpoint %s", e)
+            reasons.append(str(e))
+            continue
+        if reasons:
+            log.warning("resuming from %s, the newest checkpoint that loads (%d newer skipped)", path, len(reasons))
+        return path, state
+    raise CheckpointError("no checkpoint loads:\n  " + "\n  ".join(reasons))
 
 
 def capture_rng() -> dict[str, Any]:

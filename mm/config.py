@@ -52,12 +52,20 @@ def _hints(cls) -> dict[str, Any]:
 
 
 def _type_name(tp) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def coerce(value: Any, tp, key: str) -> Any:
     """Convert `value` (a YAML value or a command-line string) to type `tp`, or raise ConfigError."""
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        for option in allowed:
+            if value == option or (isinstance(value, str) and value == str(option)):
+                return option
+        raise ConfigError(f"--{key}={value}: accepted values are {', '.join(map(str, allowed))}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in _NONE)):
@@ -166,9 +174,10 @@ def split_argv(argv: list[str]) -> dict[str, str]:
 
 def parse_config(cls, argv: list[str], preset_dir: str | Path):
     """Build `cls` from defaults, an optional `--config=` preset and `--key=value` overrides."""
+    if "--help" in argv or "-h" in argv:
+        print(f"Usage: --config=PRESET --key=value ...\nPresets in {preset_dir}.\nKeys:\n{describe_fields(cls)}")
+        raise SystemExit(0)
     args = split_argv(argv)
-    if "help" in args or "h" in args:
-        raise SystemExit(f"Usage: --config=PRESET --key=value ...\nPresets in {preset_dir}.\nKeys:\n{describe_fields(cls)}")
     cfg = cls()
     preset = args.pop("config", None)
     if preset is not None:

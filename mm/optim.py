@@ -5,19 +5,39 @@ import math
 
 import torch
 
-_NO_DECAY_WORDS = ("bias", "norm", "ln_", "ln.", "bn", "embed", "logit_scale", "logit_bias", "class_embedding")
+# Learned position and class tokens are embeddings by role, though stored as bare Parameters (ndim 2)
+# rather than in nn.Embedding; matched on the parameter's own name, never a substring of its path
+# ("embed" in a path would also exempt patch_embed.proj.weight, a real weight matrix).
+EMBEDDING_PARAM_NAMES = {"positional_embedding", "pos_embed", "class_embedding", "cls_token", "cls_emb",
+                         "logit_scale", "logit_bias"}
 
 
-def decays(name: str, param: torch.Tensor) -> bool:
-    """Weight decay applies to matrices only: not to norms, biases, embeddings or the logit scale/bias."""
-    return param.ndim >= 2 and not any(w in name for w in _NO_DECAY_WORDS)
+def no_decay_names(model: torch.nn.Module) -> set[str]:
+    """Parameter names exempt from weight decay, by role:
+    - tensors of fewer than 2 dims (biases, norm scales, the logit scale and bias);
+    - the weights of embedding modules (nn.Embedding, nn.EmbeddingBag);
+    - what a module declares in `no_weight_decay()` (the timm / open_clip convention);
+    - learned position and class tokens (EMBEDDING_PARAM_NAMES)."""
+    names = set()
+    for mod_name, module in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        own = dict(module.named_parameters(recurse=False))
+        if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+            names |= {prefix + n for n in own}
+        names |= {prefix + n for n in own if n in EMBEDDING_PARAM_NAMES}
+        declared = getattr(module, "no_weight_decay", None)
+        if callable(declared):
+            names |= {prefix + n for n in declared()}
+    return names | {n for n, p in model.named_parameters() if p.ndim < 2}
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """[decayed weight matrices, everything else at weight_decay 0] for AdamW (trainable parameters only)."""
+    exempt = no_decay_names(model)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if decays(name, p) else no_decay).append(p)
+            (no_decay if name in exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

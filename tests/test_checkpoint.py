@@ -1,21 +1,45 @@
-import math
+"""Checkpoint files: atomic and durable writes, keep-last-K, orphans of killed writes, falling back past a
+truncated newest checkpoint, refusing pickled code, RNG round trips, safetensors."""
+import logging
+import os
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from mm import checkpoint as ckpt
-from mm.metrics import MetricsLogger, NonFiniteLossError, check_finite, read_metrics
-from mm.optim import WarmupCosine, decays, param_groups
+
+
+class Payload:
+    """Unpickling this runs a command that leaves a marker file: what a malicious checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
 
 
 def test_save_keeps_last_k_and_latest_resolves(tmp_path):
     for step in (10, 20, 30, 40):
         ckpt.save_checkpoint(tmp_path, step, {"step": step}, keep=2)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [30, 40]
-    assert ckpt.resolve_resume("latest", tmp_path).name == "step_00000040.pt"
-    assert ckpt.load_checkpoint(ckpt.resolve_resume("latest", tmp_path))["step"] == 40
+    [newest, older] = ckpt.resume_candidates("latest", tmp_path)
+    assert (newest.name, older.name) == ("step_00000040.pt", "step_00000030.pt")
+    assert ckpt.load_checkpoint(newest)["step"] == 40
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
+
+
+def test_writes_fsync_the_file_and_then_the_folder(tmp_path, monkeypatch):
+    """Durability: the data, then the rename (the folder), then the deletion of old checkpoints."""
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    ckpt.save_checkpoint(tmp_path, 1, {"w": 1}, keep=1)
+    ckpt.save_checkpoint(tmp_path, 2, {"w": 2}, keep=1)
+    assert synced[0].endswith(".tmp") and synced[1] == str(tmp_path)  # the file's bytes, then the rename
+    assert synced[-1] == str(tmp_path) and not (tmp_path / "step_00000001.pt").exists()  # then the deletion
 
 
 def test_failed_write_leaves_previous_file_intact(tmp_path):
@@ -31,21 +55,53 @@ def test_failed_write_leaves_previous_file_intact(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["step_00000001.pt"]
 
 
-def test_resume_errors_are_clear(tmp_path):
-    assert ckpt.resolve_resume(None, tmp_path) is None
-    assert ckpt.resolve_resume("latest", tmp_path) is None
+def test_orphans_of_a_killed_write_are_removed_by_the_next_save(tmp_path):
+    (tmp_path / ".step_00000002.pt.abc123.tmp").write_bytes(b"half")  # a kill during torch.save
+    (tmp_path / ".step_00000003.tmp").mkdir()  # a kill during a sharded write
+    (tmp_path / ".step_00000003.tmp" / "__0_0.distcp").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("not ours: stays")
+    ckpt.save_checkpoint(tmp_path, 4, {"w": 4}, keep=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step_00000004.pt"]
+
+
+def test_resume_candidates_errors_are_clear(tmp_path):
+    assert ckpt.resume_candidates(None, tmp_path) == []
+    assert ckpt.resume_candidates("latest", tmp_path) == []
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
-        ckpt.resolve_resume(str(tmp_path / "nope.pt"), tmp_path)
+        ckpt.resume_candidates(str(tmp_path / "nope.pt"), tmp_path)
     with pytest.raises(FileNotFoundError, match="no step_"):
-        ckpt.resolve_resume(str(tmp_path), tmp_path)
+        ckpt.resume_candidates(str(tmp_path), tmp_path)
 
 
-def test_rng_round_trip():
-    state = ckpt.capture_rng()
-    a = (random.random(), torch.rand(3))
-    ckpt.restore_rng(state)
-    b = (random.random(), torch.rand(3))
-    assert a[0] == b[0] and torch.equal(a[1], b[1])
+def test_truncated_newest_checkpoint_falls_back_to_the_newest_that_loads(tmp_path, caplog):
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, step, {"step": step, "w": torch.ones(100)}, keep=0)
+    newest = tmp_path / "step_00000003.pt"
+    newest.write_bytes(newest.read_bytes()[:300])  # cut short, as a kill mid-copy would
+    with caplog.at_level(logging.WARNING):
+        path, state = ckpt.load_newest(ckpt.resume_candidates("latest", tmp_path))
+    assert path.name == "step_00000002.pt" and state["step"] == 2
+    assert "step_00000003.pt" in caplog.text and "truncated or corrupt" in caplog.text
+    (tmp_path / "step_00000002.pt").write_bytes(b"")
+    (tmp_path / "step_00000001.pt").write_bytes(b"garbage")
+    with pytest.raises(ckpt.CheckpointError, match=r"no checkpoint loads:(.|\n)*step_00000003(.|\n)*step_00000001"):
+        ckpt.load_newest(ckpt.resume_candidates("latest", tmp_path))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model": {}, "step": 1, "rng": Payload(marker)}, tmp_path / "step_00000001.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"refused: .*could run code \(unsupported GLOBAL posix.system\)"):
+        ckpt.load_checkpoint(tmp_path / "step_00000001.pt")
+    assert not marker.exists()
+
+
+def test_rng_round_trip_through_a_weights_only_file(tmp_path):
+    torch.save({"rng": ckpt.capture_rng()}, tmp_path / "rng.pt")
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    ckpt.restore_rng(ckpt.load_checkpoint(tmp_path / "rng.pt")["rng"])
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
 
 
 def test_safetensors_export_round_trip(tmp_path):
@@ -54,40 +110,3 @@ def test_safetensors_export_round_trip(tmp_path):
     sd, meta = ckpt.read_safetensors(tmp_path / "w.safetensors")
     assert meta == {"dims": {"in": 3, "out": 2}}
     torch.testing.assert_close(sd["weight"], lin.weight.detach())
-
-
-def test_nonfinite_loss_stops_with_a_message():
-    check_finite(1.5, 3, None)
-    with pytest.raises(NonFiniteLossError, match="loss is nan at step 7.*the last good checkpoint is x.pt"):
-        check_finite(float("nan"), 7, "x.pt")
-    with pytest.raises(NonFiniteLossError, match="gradient norm is inf"):
-        check_finite(math.inf, 7, None, what="gradient norm")
-
-
-def test_metrics_logger_appends_jsonl(tmp_path):
-    m = MetricsLogger(tmp_path, tensorboard=True)
-    m.log(1, {"loss": 2.0})
-    m.log(2, {"loss": 1.0, "note": "x"})
-    m.close()
-    rows = read_metrics(tmp_path)
-    assert [(r["step"], r["loss"]) for r in rows] == [(1, 2.0), (2, 1.0)]
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-
-
-def test_no_weight_decay_on_norms_biases_embeddings_and_scale():
-    from mm.clip.model import create_clip
-    model = create_clip("mm-test-micro")[0]
-    no_decay = {n for n, p in model.named_parameters() if not decays(n, p)}
-    assert "logit_scale" in no_decay and "token_embedding.weight" in no_decay and "positional_embedding" in no_decay
-    assert "visual.class_embedding" in no_decay and "ln_final.weight" in no_decay and "ln_final.bias" in no_decay
-    assert "visual.transformer.resblocks.0.attn.in_proj_weight" not in no_decay
-    groups = param_groups(model, 0.1)
-    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
-
-
-def test_warmup_cosine_shape():
-    f = WarmupCosine(warmup=10, total=110, min_ratio=0.1)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
-    assert all(f(i) >= f(i + 1) for i in range(10, 120))

@@ -29,8 +29,11 @@ def test_end_to_end_writes_everything_and_exports_for_open_clip(synth_data, tmp_
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
     assert all(k in train_rows[0] for k in ("lr", "samples_per_s", "logit_scale", "bad_samples"))
     results = json.loads((out / "results.json").read_text())
-    assert 0.0 <= results["zeroshot_top1"] <= 1.0 and results["zeroshot_n"] == 72
-    assert {"retrieval_i2t_r@1", "retrieval_t2i_r@5"} <= results.keys()
+    assert results["zeroshot_n"] == 72 and {"retrieval_i2t_r@1", "retrieval_t2i_r@5"} <= results.keys()
+    from mm.clip.evaluate import evaluate_clip  # the figures are those of the exported model, recomputed
+    from mm.clip.model import load_clip
+    again = evaluate_clip(*load_clip(out / "export"), "cpu", f"{synth_data}/zeroshot", f"{synth_data}/val")
+    assert again == pytest.approx({k: results[k] for k in again})
 
     import open_clip  # the export is open_clip's own local-dir format
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out / 'export'}")
@@ -42,9 +45,11 @@ def test_end_to_end_writes_everything_and_exports_for_open_clip(synth_data, tmp_
 
 
 def test_killed_run_resumes_to_the_same_weights(synth_data, tmp_path):
-    """SIGKILL a run after its first checkpoint, resume with --resume=latest: the final weights
-    equal an uninterrupted run's, so the resumed run saw exactly the same samples."""
-    common = ["--max_steps=10", "--ckpt_every=3", "--keep_checkpoints=0", "--num_workers=2", "--batch_size=8"]
+    """SIGKILL a run after its first checkpoint, resume with --resume=latest: the final weights equal an
+    uninterrupted run's, the samples trained on are the same ones in the same order, and metrics.jsonl
+    has one row per step."""
+    common = ["--max_steps=10", "--ckpt_every=3", "--keep_checkpoints=0", "--num_workers=2", "--batch_size=8",
+              "--log_every=1", "--log_samples=true"]
     run_recipe(tiny_args(synth_data, tmp_path / "full", *common))
 
     killed = tmp_path / "killed"
@@ -65,6 +70,35 @@ def test_killed_run_resumes_to_the_same_weights(synth_data, tmp_path):
     assert a["data"] == b["data"]
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6, msg=k)
+    keys = [(tmp_path / "full" / "samples" / "rank0.jsonl").read_text(), (killed / "samples" / "rank0.jsonl").read_text()]
+    assert keys[0] == keys[1] and keys[0].count("\n") == 10  # same samples, same order, none twice
+    steps = [r["step"] for r in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == list(range(1, 11))  # the steps trained again after the kill are not logged twice
+
+
+def test_resume_refusals_name_the_problem_and_run_nothing(synth_data, tmp_path):
+    """A changed data setup, a crafted checkpoint that would run code, a truncated newest checkpoint."""
+    run = tmp_path / "run"
+    run_recipe(tiny_args(synth_data, run, "--max_steps=4", "--ckpt_every=2", "--keep_checkpoints=0"))
+    changed = run_recipe(tiny_args(synth_data, run, "--max_steps=6", "--num_workers=2", "--resume=latest"), check=False)
+    assert changed.returncode != 0 and "num_workers 0 -> 2" in changed.stderr and "--resume_ignore_data" in changed.stderr
+    accepted = run_recipe(tiny_args(synth_data, run, "--max_steps=6", "--num_workers=2", "--resume=latest",
+                                    "--resume_ignore_data=true"))
+    assert "new data" in accepted.stderr and (run / "checkpoints" / "step_00000006.pt").exists()
+
+    newest = run / "checkpoints" / "step_00000006.pt"
+    newest.write_bytes(newest.read_bytes()[:2000])  # truncated: resume falls back to step 4, saying so
+    fallback = run_recipe(tiny_args(synth_data, run, "--max_steps=6", "--resume=latest"))  # step 4's setup
+    assert "skipping checkpoint" in fallback.stderr and "resumed from" in fallback.stderr
+    assert "step_00000004.pt at step 4" in fallback.stderr
+
+    from tests.test_checkpoint import Payload
+    marker = tmp_path / "pwned"
+    torch.save({"model": {}, "step": 9, "rng": Payload(marker)}, run / "checkpoints" / "step_00000009.pt")
+    evil = run_recipe(tiny_args(synth_data, run, "--max_steps=12", "--resume=" + str(run / "checkpoints" / "step_00000009.pt")),
+                      check=False)
+    assert evil.returncode != 0 and "could run code" in evil.stderr and "Traceback" not in evil.stderr
+    assert not marker.exists()
 
 
 def test_starts_from_a_local_open_clip_checkpoint(synth_data, tmp_path):
@@ -121,13 +155,19 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(synth_data, tmp_path):
 
 
 def test_two_process_run_with_accumulation_and_checkpointing(synth_data, tmp_path):
-    """torchrun with 2 CPU (gloo) ranks: one run, one writer, a data position per rank."""
+    """torchrun with 2 CPU (gloo) ranks: one run, one writer, a data position per rank, and the two ranks
+    trained on different samples (their sample logs are disjoint), together the global batch."""
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                            str(ROOT / "recipes/clip/train.py"), *tiny_args(synth_data, tmp_path / "run"),
-                           "--grad_accum=2", "--grad_checkpointing=true", "--max_steps=4"],
+                           "--grad_accum=2", "--grad_checkpointing=true", "--max_steps=4", "--log_samples=true"],
                           capture_output=True, text=True, env={**os.environ, **SUBPROCESS_ENV})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("final zero-shot top-1") == 1  # only rank 0 reports
     state = load_checkpoint(tmp_path / "run/checkpoints/step_00000004.pt")
     assert len(state["data"]) == 2 and len(state["rng"]) == 2
     assert [d["batches"] for d in state["data"]] == [8, 8]  # 4 steps x 2 micro-batches on each rank
+    keys = [[k for row in map(json.loads, (tmp_path / f"run/samples/rank{r}.jsonl").read_text().splitlines())
+             for k in row["keys"]] for r in (0, 1)]
+    assert len(keys[0]) == len(keys[1]) == 4 * 2 * 16  # steps x micro-batches x batch_size
+    assert not set(keys[0]) & set(keys[1]), "the two ranks trained on the same samples"
+    assert len(set(keys[0]) | set(keys[1])) == 256  # 320 samples in the epoch: no sample twice in it

@@ -1,5 +1,6 @@
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import yaml
@@ -18,12 +19,13 @@ class Demo:
     flag: bool = False  # a switch
     resume: str | None = None  # optional path
     weights: list[float] | None = None  # per-source weights
+    loss: Literal["clip", "siglip"] = "clip"  # which loss
 
 
 def test_defaults_preset_then_overrides(tmp_path):
     (tmp_path / "small.yaml").write_text("steps: 3\nname: from-preset\n")
     cfg = parse_config(Demo, ["--config=small", "--lr=0.5", "--flag", "--weights=1,2.5"], tmp_path)
-    assert cfg == Demo(lr=0.5, steps=3, name="from-preset", flag=True, resume=None, weights=[1.0, 2.5])
+    assert cfg == Demo(lr=0.5, steps=3, name="from-preset", flag=True, resume=None, weights=[1.0, 2.5], loss="clip")
 
 
 def test_space_separated_and_none(tmp_path):
@@ -68,10 +70,22 @@ def test_positional_argument_is_an_error(tmp_path):
         parse_config(Demo, ["steps=3"], tmp_path)
 
 
-def test_help_lists_fields(tmp_path):
+def test_help_lists_fields_and_exits_0(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        parse_config(Demo, ["--help"], tmp_path)
-    assert "--steps=10" in str(e.value) and "optimizer steps" in str(e.value)
+        parse_config(Demo, ["--lr=oops", "--help"], tmp_path)
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--steps=10" in out and "optimizer steps" in out
+    assert "--loss='clip'  (one of clip, siglip)  which loss" in out  # allowed values, from the type
+
+
+def test_literal_values_are_checked_from_the_type(tmp_path):
+    assert parse_config(Demo, ["--loss=siglip"], tmp_path).loss == "siglip"
+    with pytest.raises(ConfigError, match="--loss=triplet: accepted values are clip, siglip"):
+        parse_config(Demo, ["--loss=triplet"], tmp_path)
+    (tmp_path / "bad.yaml").write_text("loss: softmax\n")
+    with pytest.raises(ConfigError, match="--loss=softmax: accepted values are clip, siglip"):
+        parse_config(Demo, ["--config=bad"], tmp_path)
 
 
 def test_bool_is_not_an_int():
@@ -98,3 +112,11 @@ def test_clip_preset_is_valid(preset):
     # the named model must exist (an open_clip name or one of our JSON configs)
     from mm.clip.model import resolve_model_name
     assert resolve_model_name(cfg.model)
+
+
+def test_recipe_help_exits_0_and_shows_allowed_values():
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes/clip/train.py"), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "--precision='auto'  (one of auto, bf16, fp16, fp32)" in proc.stdout and "--resume_ignore_data" in proc.stdout

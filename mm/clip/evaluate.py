@@ -2,18 +2,22 @@
 
 `build_zero_shot_head` turns class names x prompt templates into one unit vector per class
 (mean of the template embeddings, as in Radford et al. 2021); classification is then a matmul.
+`evaluate_clip` is sharded across ranks when run distributed (every rank must call it): each encodes
+its share of the images, counts are summed and retrieval features gathered, so a long evaluation
+never leaves the other ranks waiting at a collective until it times out.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 
 from mm.clip.data import collate_labels, collate_texts
 from mm.decoders import labelled_decoder, pair_decoder
+from mm.distributed import all_gather_objects, all_reduce_sum, world
 from mm.shards import iterate_eval_batches
 
 
@@ -49,18 +53,19 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[
 
 
 @torch.no_grad()
-def zero_shot_accuracy(model, head: torch.Tensor, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device,
-                       autocast: Callable = torch.autocast) -> dict[str, float]:
-    """Top-1/top-5 accuracy of `head` ([C, D]) on (images [B,3,H,W], labels [B]) batches."""
-    n, correct = 0, {1: 0, 5: 0}
+def zero_shot_accuracy(model, head: torch.Tensor, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device
+                       ) -> dict[str, float]:
+    """Top-1/top-5 accuracy of `head` ([C, D]) on (images [B,3,H,W], labels [B]) batches (summed over ranks)."""
+    counts = {"n": 0, "top1": 0, "top5": 0}
     for images, labels in batches:
         feats = encode_images(model, images.to(device))
-        for k, v in topk_correct(feats @ head.T, labels.to(device)).items():
-            correct[k] += v
-        n += len(labels)
-    if n == 0:
+        hits = topk_correct(feats @ head.T, labels.to(device))
+        counts = {"n": counts["n"] + len(labels), "top1": counts["top1"] + hits[1], "top5": counts["top5"] + hits[5]}
+    counts = all_reduce_sum(counts, device)
+    if counts["n"] == 0:
         raise ValueError("zero-shot evaluation set is empty")
-    return {"zeroshot_top1": correct[1] / n, "zeroshot_top5": correct[5] / n, "zeroshot_n": n}
+    return {"zeroshot_top1": counts["top1"] / counts["n"], "zeroshot_top5": counts["top5"] / counts["n"],
+            "zeroshot_n": int(counts["n"])}
 
 
 @torch.no_grad()
@@ -69,13 +74,16 @@ def retrieval_recall(model, tokenizer, batches: Iterable[tuple[torch.Tensor, lis
     """Image->text and text->image recall@k on held-out (images, captions) pairs; pair i matches i.
 
     Several images can share a caption text; a retrieval counts as correct if it finds the paired item.
+    Distributed: every rank's pairs are gathered, so each retrieves among all of them.
     """
-    img, txt = [], []
+    img, txt = [torch.empty(0)], [torch.empty(0)]
     for images, captions in batches:
-        img.append(encode_images(model, images.to(device)))
-        txt.append(encode_texts(model, tokenizer, list(captions), device))
-    img, txt = torch.cat(img), torch.cat(txt)
-    labels = torch.arange(len(img), device=img.device)
+        img.append(encode_images(model, images.to(device)).cpu())
+        txt.append(encode_texts(model, tokenizer, list(captions), device).cpu())
+    parts = all_gather_objects((torch.cat(img[1:]) if len(img) > 1 else None, torch.cat(txt[1:]) if len(txt) > 1 else None))
+    img = torch.cat([i for i, _ in parts if i is not None])
+    txt = torch.cat([t for _, t in parts if t is not None])
+    labels = torch.arange(len(img))
     sims = img @ txt.T
     i2t, t2i = topk_correct(sims, labels, ks), topk_correct(sims.T, labels, ks)
     out = {f"retrieval_i2t_r@{k}": i2t[k] / len(img) for k in ks}
@@ -86,15 +94,18 @@ def retrieval_recall(model, tokenizer, batches: Iterable[tuple[torch.Tensor, lis
 def evaluate_clip(model, preprocess, tokenizer, device, zeroshot_data: str | None = None,
                   val_data: str | None = None, recall_ks=(1, 5), batch_size: int = 256) -> dict[str, float]:
     """Zero-shot top-1/top-5 on `zeroshot_data` (labelled shards + classnames.json + templates.json beside
-    them) and retrieval recall@k on `val_data` (image-caption shards); either may be None to skip it."""
+    them) and retrieval recall@k on `val_data` (image-caption shards); either may be None to skip it.
+    Every rank calls it; each evaluates its share."""
+    rank, world_size = world()
     out = {}
     if zeroshot_data:
         zs = Path(zeroshot_data)
         head = build_zero_shot_head(model, tokenizer, json.loads((zs / "classnames.json").read_text()),
                                     json.loads((zs / "templates.json").read_text()), device)
-        batches = iterate_eval_batches(zeroshot_data, labelled_decoder(preprocess), collate_labels, batch_size)
+        batches = iterate_eval_batches(zeroshot_data, labelled_decoder(preprocess), collate_labels, batch_size,
+                                       rank, world_size)
         out.update(zero_shot_accuracy(model, head, batches, device))
     if val_data:
-        batches = iterate_eval_batches(val_data, pair_decoder(preprocess), collate_texts, batch_size)
+        batches = iterate_eval_batches(val_data, pair_decoder(preprocess), collate_texts, batch_size, rank, world_size)
         out.update(retrieval_recall(model, tokenizer, batches, device, ks=recall_ks))
     return out

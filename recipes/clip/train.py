@@ -2,37 +2,40 @@
 
     python recipes/clip/train.py                                  # built-in synthetic data, small model, CPU ok
     python recipes/clip/train.py --config=vit_b32 --train_data='/data/laion/{00000..09999}.tar'
-    accelerate launch --num_processes=8 recipes/clip/train.py --config=vit_b32 ...
+    torchrun --nproc_per_node=8 recipes/clip/train.py --config=vit_b32 ...   # or accelerate launch
     python recipes/clip/train.py --resume=latest                  # continue a killed run, same samples
     python recipes/clip/train.py --help                           # every key, its type, default and meaning
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere, without installing
 
-from mm import checkpoint as ckpt  # noqa: E402
+from mm.batching import FixedBatcher  # noqa: E402
 from mm.clip.data import token_collate  # noqa: E402
-from mm.decoders import pair_decoder  # noqa: E402
 from mm.clip.evaluate import evaluate_clip  # noqa: E402
 from mm.clip.model import clamp_logit_scale, create_clip, export_clip, lock_image_tower  # noqa: E402
+from mm.clip.step import contrastive_backward  # noqa: E402
 from mm.config import ConfigError, parse_config, save_config  # noqa: E402
-from mm.losses import clip_loss, contrastive_accuracy, siglip_loss  # noqa: E402
-from mm.metrics import MetricsLogger, check_finite, setup_logging  # noqa: E402
+from mm.decoders import pair_decoder  # noqa: E402
+from mm.distributed import all_reduce_mean, barrier, close_distributed, init_distributed, wrap_model  # noqa: E402
+from mm.losses import contrastive_accuracy  # noqa: E402
+from mm.metrics import MetricsLogger, append_jsonl, setup_logging, truncate_jsonl  # noqa: E402
 from mm.optim import param_groups, warmup_cosine  # noqa: E402
+from mm.precision import check_finite, make_precision, optimizer_step  # noqa: E402
 from mm.shards import LoaderPosition, ShardStream, expand_shard_spec, make_loader  # noqa: E402
+from mm.train_state import ResumeError, full_state_dict, resume_train_state, save_train_state  # noqa: E402
 
 log = logging.getLogger("mm.clip")
 SYNTH_DIR = "data/clip_synth"
@@ -47,19 +50,20 @@ class CLIPConfig:
     zeroshot_data: str | None = f"{SYNTH_DIR}/zeroshot"  # labelled shards + classnames.json + templates.json (none: skip)
     synthetic_train: int = 60000  # samples of built-in data to generate when train_data is the built-in path
     resampled: bool = False  # draw shards with replacement (infinite stream) instead of epoch passes
-    epoch_samples: int = 0  # samples per epoch across all ranks (0: one pass over the shards)
+    epoch_samples: int = 0  # samples per epoch across all ranks (0: one pass over the shards; resampled needs it)
     shuffle_buffer: int = 2000  # samples held in each worker's shuffle buffer
     num_workers: int = 0  # DataLoader workers per rank (0: in-process, fastest on 2 CPU cores)
+    log_samples: bool = False  # write every trained sample's key to <out_dir>/samples/rank<R>.jsonl (audit)
     # --- model
-    model: str = "mm-tiny-rn-64"  # open_clip model name (ViT-B-32, ...) or path to a JSON model config
+    model: str = "mm-tiny-rn-64"  # open_clip model name (ViT-B-32, ...), one of mm/clip/model_configs, or a .json path
     pretrained: str | None = None  # local open_clip checkpoint file to start from
-    loss: str = "clip"  # clip (softmax InfoNCE) or siglip (sigmoid)
+    loss: Literal["clip", "siglip"] = "clip"  # clip (softmax InfoNCE) or siglip (sigmoid)
     lock_image: bool = False  # LiT: freeze the image tower
     grad_checkpointing: bool = False  # trade compute for activation memory
     compile: bool = False  # torch.compile the model
     # --- optimisation
     batch_size: int = 128  # per process, per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step (each micro-batch is its own contrastive batch)
+    grad_accum: int = 1  # micro-steps per optimizer step, together ONE contrastive batch of grad_accum x batch_size
     max_steps: int = 900  # optimizer steps
     lr: float = 2e-3  # peak learning rate
     min_lr_ratio: float = 0.02  # final lr as a fraction of the peak
@@ -69,11 +73,12 @@ class CLIPConfig:
     beta2: float = 0.98  # AdamW beta2
     eps: float = 1e-6  # AdamW epsilon
     grad_clip: float = 1.0  # max global grad norm (0: off)
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU; fp16 uses a loss scaler
     seed: int = 0  # model init, data order and augmentation
     # --- run
     out_dir: str = "runs/clip"  # checkpoints, metrics.jsonl, tensorboard/, export/, config.yaml
     resume: str | None = None  # "latest" or a checkpoint path; required to reuse an out_dir with checkpoints
+    resume_ignore_data: bool = False  # resume weights/optimizer/schedule but start the data afresh (new data or setup)
     ckpt_every: int = 300  # steps between checkpoints
     keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
     eval_every: int = 300  # steps between evaluations (0: only at the end)
@@ -82,30 +87,28 @@ class CLIPConfig:
     wandb_project: str | None = None  # log to this wandb project (needs `pip install wandb`)
 
 
-def check_config(cfg: CLIPConfig) -> None:
-    if cfg.loss not in ("clip", "siglip"):
-        raise ConfigError(f"--loss={cfg.loss}: accepted values are clip, siglip")
-    if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise ConfigError(f"--precision={cfg.precision}: accepted values are auto, bf16, fp16, fp32")
+def check_config(cfg: CLIPConfig, world_size: int = 1) -> None:
+    """What the types cannot say. (Allowed values of loss and precision are in their types.)"""
     if cfg.train_weights and not cfg.resampled:
         raise ConfigError("--train_weights needs --resampled=true (weights choose shards when resampling)")
+    if cfg.resampled and cfg.epoch_samples <= 0:
+        raise ConfigError("--resampled=true needs --epoch_samples > 0: a resumed run re-reads (without decoding) "
+                          "its current epoch up to where it stopped, and an endless epoch is the whole run")
     for key in ("batch_size", "grad_accum", "max_steps", "ckpt_every", "log_every"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"--{key} must be >= 1, got {getattr(cfg, key)}")
 
 
-def ensure_builtin_data(cfg: CLIPConfig, is_main: bool, accelerator) -> None:
+def ensure_builtin_data(cfg: CLIPConfig, is_main: bool) -> None:
     """Generate the synthetic shards when the config points at them and they are not there yet."""
-    if not cfg.train_data.startswith(SYNTH_DIR):
-        return
-    if is_main:
+    if cfg.train_data.startswith(SYNTH_DIR) and is_main:
         from data_tools.synthetic_clip import ensure_synthetic_clip
         info = ensure_synthetic_clip(SYNTH_DIR, train=cfg.synthetic_train)
         log.info("built-in data in %s: %s", SYNTH_DIR, info)
-    accelerator.wait_for_everyone()
+    barrier()
 
 
-def evaluate(cfg, model, preprocess, tokenizer, device) -> dict[str, float]:
+def evaluate(cfg: CLIPConfig, model, preprocess, tokenizer, device) -> dict[str, float]:
     model.eval()
     out = evaluate_clip(model, preprocess, tokenizer, device, cfg.zeroshot_data, cfg.val_data)
     model.train()
@@ -115,32 +118,21 @@ def evaluate(cfg, model, preprocess, tokenizer, device) -> dict[str, float]:
 # ---------------------------------------------------------------------------- main
 
 def main(argv: list[str]) -> dict:
+    d = init_distributed()
+    setup_logging(d.is_main)
     try:
         cfg = parse_config(CLIPConfig, argv, preset_dir=ROOT / "recipes" / "clip" / "configs")
-        check_config(cfg)
+        check_config(cfg, d.world_size)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}")
-
-    from accelerate import Accelerator
-    mixed = {"auto": "bf16" if torch.cuda.is_available() else "no", "bf16": "bf16", "fp16": "fp16", "fp32": "no"}[cfg.precision]
-    # cpu=True on a machine without CUDA: accelerate then runs torchrun/`accelerate launch` ranks as gloo processes
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
-    is_main, device = accelerator.is_main_process, accelerator.device
-    setup_logging(is_main)
     out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
-
-    resume_path = ckpt.resolve_resume(cfg.resume, ckpt_dir)
-    if resume_path is None and ckpt.list_checkpoints(ckpt_dir):
-        raise SystemExit(f"{out_dir} already holds checkpoints. Continue it with --resume=latest, "
-                         f"or start afresh with another --out_dir.")
-    if is_main:
-        save_config(cfg, out_dir / "config.yaml")
-    ensure_builtin_data(cfg, is_main, accelerator)
+    ensure_builtin_data(cfg, d.is_main)
     sources = expand_shard_spec(cfg.train_data, cfg.train_weights)  # fails now, naming the spec, if empty
 
-    # --- model, optimizer, schedule
+    # --- model, optimizer, schedule, precision
     torch.manual_seed(cfg.seed)
-    model, pre_train, pre_val, tokenizer, model_cfg = create_clip(cfg.model, cfg.pretrained, siglip=cfg.loss == "siglip")
+    clip = create_clip(cfg.model, cfg.pretrained, siglip=cfg.loss == "siglip")
+    model = clip.model.to(d.device)
     if cfg.lock_image:
         lock_image_tower(model)
     if cfg.grad_checkpointing:
@@ -149,97 +141,91 @@ def main(argv: list[str]) -> dict:
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   eps=cfg.eps, fused=True)
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-    step, state = 0, None
-    if resume_path is not None:
-        state = ckpt.load_checkpoint(resume_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
-        log.info("resumed from %s at step %d", resume_path, step)
-    n_params = sum(p.numel() for p in model.parameters())
+    precision = make_precision(cfg.precision, d.device)
+
+    # --- resume (or not): every piece of train state comes back, or a clear error says why it cannot
+    data_setup = {"train_data": cfg.train_data, "seed": cfg.seed, "num_workers": cfg.num_workers}
+    try:
+        resumed = resume_train_state(cfg.resume, ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                                     data_setup=data_setup, ignore_data=cfg.resume_ignore_data, scaler=precision.scaler)
+    except ResumeError as e:
+        raise SystemExit(f"resume error: {e}")
+    step = resumed.step if resumed else 0
+    if d.is_main:
+        save_config(cfg, out_dir / "config.yaml")
+    # DDP: CLIP towers fit on one GPU; FSDP (wrap_model(..., "fsdp")) is for the multi-billion LMs of vision chat,
+    # and FSDP2 cannot shard open_clip's 0-dim logit_scale
+    train_model = wrap_model(model, d, "ddp")
+    train_model = torch.compile(train_model) if cfg.compile else train_model
     log.info("model %s: %.2fM parameters, loss=%s, %d process(es), device %s, precision %s",
-             cfg.model, n_params / 1e6, cfg.loss, accelerator.num_processes, device, mixed)
-    train_model = torch.compile(model) if cfg.compile else model
-    train_model, optimizer = accelerator.prepare(train_model, optimizer)
+             cfg.model, sum(p.numel() for p in model.parameters()) / 1e6, cfg.loss, d.world_size, d.device, precision.name)
 
     # --- data: this rank's slice, continuing exactly where the checkpoint left it
-    rank, world = accelerator.process_index, accelerator.num_processes
-    position = LoaderPosition(cfg.num_workers, state["data"][rank] if state else None)
-    dataset = ShardStream(sources, pair_decoder(pre_train), token_collate(tokenizer), cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
+    position = LoaderPosition(cfg.num_workers, resumed.data if resumed else None)
+    data_seed = resumed.data_seed if resumed else cfg.seed
+    dataset = ShardStream(sources, pair_decoder(clip.preprocess_train), token_collate(clip.tokenizer),
+                          FixedBatcher(cfg.batch_size), seed=data_seed, rank=d.rank, world_size=d.world_size,
                           num_workers=cfg.num_workers, resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer,
                           epoch_samples=cfg.epoch_samples or None)
     batches = iter(make_loader(dataset, cfg.num_workers, position))
-    if state is not None:
-        ckpt.restore_rng(state["rng"][rank])
-
-    metrics = MetricsLogger(out_dir, cfg.tensorboard, cfg.wandb_project, dataclasses.asdict(cfg), enabled=is_main)
-    last_ckpt = str(resume_path) if resume_path else None
-    results: dict = {}
+    metrics = MetricsLogger(out_dir, cfg.tensorboard, cfg.wandb_project, dataclasses.asdict(cfg), enabled=d.is_main,
+                            resume_step=step if resumed else None)
+    keys_log = out_dir / "samples" / f"rank{d.rank}.jsonl" if cfg.log_samples else None
+    if keys_log is not None:
+        keys_log.parent.mkdir(parents=True, exist_ok=True)
+        truncate_jsonl(keys_log, step)
 
     def save(step: int) -> str:
-        data_states = accelerator.gather_for_metrics([position.state_dict()], use_gather_object=True)
-        rng_states = accelerator.gather_for_metrics([ckpt.capture_rng()], use_gather_object=True)
-        path = None
-        if is_main:
-            path = ckpt.save_checkpoint(ckpt_dir, step, {
-                "model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "data": data_states, "rng": rng_states,
-                "model_cfg": model_cfg, "config": dataclasses.asdict(cfg)}, keep=cfg.keep_checkpoints)
-        accelerator.wait_for_everyone()
-        return str(path)
+        return str(save_train_state(ckpt_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                    position=position, data_setup=data_setup, config=dataclasses.asdict(cfg),
+                                    keep=cfg.keep_checkpoints, data_seed=data_seed, scaler=precision.scaler,
+                                    extra={"model_cfg": clip.model_cfg}))
 
     # --- the loop
     from tqdm import tqdm
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="clip")
-    loss_fn = siglip_loss if cfg.loss == "siglip" else clip_loss
+    last_ckpt, results = str(resumed.path) if resumed else None, {}
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not d.is_main, dynamic_ncols=True, desc="clip")
     t_last, samples_since = time.perf_counter(), 0
     while step < cfg.max_steps:
-        for micro in range(cfg.grad_accum):
+        micro = []
+        for _ in range(cfg.grad_accum):
             (images, texts), batch_state = next(batches)
             position.update(batch_state)
-            images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
-            last = micro == cfg.grad_accum - 1
-            with (contextlib.nullcontext() if last else accelerator.no_sync(train_model)), accelerator.autocast():
-                out = train_model(images, texts)
-                img_f, txt_f = out["image_features"].float(), out["text_features"].float()
-                extra = (out["logit_bias"],) if cfg.loss == "siglip" else ()
-                loss = loss_fn(img_f, txt_f, out["logit_scale"], *extra)
-                accelerator.backward(loss / cfg.grad_accum)
-            samples_since += len(images) * world
-        # the norm is computed even without clipping (max_norm=inf): a NaN/Inf gradient must never reach the weights
-        grad_norm = float(accelerator.clip_grad_norm_(train_model.parameters(), cfg.grad_clip or math.inf))
-        loss_value = loss.detach().float().item()
+            if keys_log is not None:
+                append_jsonl(keys_log, {"step": step + 1, "keys": batch_state["keys"]})
+            micro.append((images.to(d.device, non_blocking=True), texts.to(d.device, non_blocking=True)))
+            samples_since += len(images) * d.world_size
+        loss, out = contrastive_backward(train_model, micro, cfg.loss, precision)
+        loss_value = float(all_reduce_mean(loss))  # the mean over ranks: what is logged and checked
         check_finite(loss_value, step, last_ckpt)
-        check_finite(grad_norm, step, last_ckpt, what="gradient norm")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        clamp_logit_scale(accelerator.unwrap_model(model))
+        result = optimizer_step(train_model.parameters(), optimizer, precision, cfg.grad_clip, step, last_ckpt)
+        if not result.skipped:  # an fp16 overflow step changed no weights: the schedule waits for it too
+            scheduler.step()
+        clamp_logit_scale(model)
         step += 1
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             now = time.perf_counter()
-            sps = samples_since / (now - t_last)
-            t_last, samples_since = now, 0
+            sps, t_last, samples_since = samples_since / (now - t_last), now, 0
             row = {"loss": loss_value, "lr": scheduler.get_last_lr()[0], "samples_per_s": sps,
-                   "logit_scale": out["logit_scale"].item(), "batch_acc": contrastive_accuracy(img_f, txt_f),
-                   "epoch": position.epoch, "bad_samples": position.bad_samples, "bad_shards": position.bad_shards}
-            row["grad_norm"] = grad_norm
+                   "logit_scale": float(out["logit_scale"].detach()), "grad_norm": result.grad_norm,
+                   "batch_acc": contrastive_accuracy(out["image_features"].float(), out["text_features"].float()),
+                   "epoch": position.epoch, "bad_samples": position.bad_samples, "bad_shards": position.bad_shards,
+                   **({"fp16_scale": result.scale, "fp16_skipped": precision.skipped_total} if result.scale else {})}
             metrics.log(step, row)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{row['lr']:.2e}", sps=f"{sps:.0f}", bad=position.bad_samples)
         bar.update(1)
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             last_ckpt = save(step)
-        if is_main and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-            results = evaluate(cfg, accelerator.unwrap_model(model), pre_val, tokenizer, device)
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
+            results = evaluate(cfg, model, clip.preprocess_val, clip.tokenizer, d.device)  # every rank, sharded
             metrics.log(step, results)
             bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
     bar.close()
 
-    if is_main:
-        export_dir = export_clip(accelerator.unwrap_model(model), model_cfg, out_dir / "export")
-        results = results or evaluate(cfg, accelerator.unwrap_model(model), pre_val, tokenizer, device)
+    weights = full_state_dict(model)
+    if d.is_main:
+        export_dir = export_clip(model, clip.model_cfg, out_dir / "export", weights)
         results.update({"step": step, "checkpoint": last_ckpt, "export": str(export_dir),
                         "bad_samples": position.bad_samples, "bad_shards": position.bad_shards})
         (out_dir / "results.json").write_text(json.dumps(results, indent=1))
@@ -247,8 +233,7 @@ def main(argv: list[str]) -> dict:
         if "zeroshot_top1" in results:
             print(f"final zero-shot top-1: {results['zeroshot_top1']:.4f} (top-5 {results['zeroshot_top5']:.4f})")
         print(f"checkpoint: {last_ckpt}\nexport (open_clip local-dir): {export_dir}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    close_distributed()
     return results
 
 
