@@ -21,22 +21,36 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere, without installi
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from mm.zeroshot.args import add_model_args, load_classifier  # noqa: E402
-from mm.zeroshot.inputs import labels_from_text  # noqa: E402
+from mm.zeroshot.inputs import labels_from_text, open_image  # noqa: E402
 
 EXAMPLE_LABELS = "red circle, blue square, green triangle, yellow star"
+UPLOAD_NAME = "the uploaded image"  # how messages call it: never the server's temp path
+
+
+def upload_path(image: dict | str | None) -> str:
+    """The uploaded file's path, from gradio's unprocessed image payload ({"path": ..., "orig_name": ...})
+    or a plain path; gr.Error when there is none."""
+    import gradio as gr
+
+    if not image:
+        raise gr.Error("Upload an image first.")
+    path = image.get("path") if isinstance(image, dict) else image
+    if not path:  # e.g. only a base64 "data:" URL, which gr.Image would decode whole, unchecked
+        raise gr.Error("Send the image as a file upload.")
+    return str(path)
 
 
 def make_predict(classifier, max_labels: int = 64):
-    """predict(image path, labels text) -> {label: probability} for every label; gr.Error on bad input."""
+    """predict(image payload or path, labels text) -> {label: probability} for every label; gr.Error on bad input."""
     import gradio as gr
 
-    def predict(image: str | None, labels: str) -> dict[str, float]:
-        if not image:
-            raise gr.Error("Upload an image first.")
+    def predict(image: dict | str | None, labels: str) -> dict[str, float]:
+        path = upload_path(image)
         try:
             label_list = labels_from_text(labels, max_labels)
-            ranked = classifier.classify(image, label_list, top_k=len(label_list))[0]
-        except ValueError as e:  # bad labels, NotAnImage, ImageTooLarge: all say what to change
+            pixels = open_image(path, classifier.max_pixels, name=UPLOAD_NAME)  # header checked before decoding
+            ranked = classifier.classify(pixels, label_list, top_k=len(label_list))[0]
+        except (ValueError, FileNotFoundError) as e:  # bad labels, NotAnImage, ImageTooLarge: all say what to change
             raise gr.Error(str(e)) from None
         return dict(ranked)
 
@@ -52,14 +66,19 @@ def build_demo(classifier, max_labels: int = 64):
                     f"(comma-separated), press **Classify**. Model: `{classifier.name}`")
         with gr.Row():
             with gr.Column():
-                # filepath: gradio only reads the header; our loader checks the pixel count before decoding
-                image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], elem_id="image")
+                # image_mode=None: gr.Image would otherwise convert (fully decode) any non-RGB upload
+                image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"],
+                                 elem_id="image")
                 labels = gr.Textbox(label="Labels", placeholder=EXAMPLE_LABELS, lines=2, elem_id="labels")
                 button = gr.Button("Classify", variant="primary", elem_id="classify")
             with gr.Column():
                 probs = gr.Label(label="Probabilities", num_top_classes=10, elem_id="probabilities")
+        # preprocess=False: predict gets the uploaded file's path unopened, so open_image makes every check
+        # and words every message. gr.Image's preprocess opens the file with PIL first, and a non-image or
+        # empty upload then fails inside gradio with its generic "upstream app has raised an exception".
+        # (A gr.Image subclass would do too, but gradio writes a .pyi stub beside any file defining one.)
         gr.on([button.click, labels.submit], make_predict(classifier, max_labels), [image, labels], probs,
-              api_name="classify")
+              api_name="classify", preprocess=False)
     return demo
 
 

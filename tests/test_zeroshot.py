@@ -1,18 +1,22 @@
 """mm.zeroshot: the Python API and the CLI, on a tiny CLIP trained by recipes/clip/train.py."""
 import json
 import os
+import re
 import subprocess
 
 import pytest
 import torch
 from PIL import Image
 
+from mm.checkpoint import CheckpointError
 from mm.clip.evaluate import build_zero_shot_head
 from mm.zeroshot import (DEFAULT_TEMPLATES, ImageTooLarge, NotAnImage, ZeroShotClassifier, find_images, open_image,
                          parse_labels)
 from mm.zeroshot.__main__ import main as cli_main
+from mm.zeroshot.inputs import MAX_PROMPT_CHARS, check_templates, parse_templates
 from tests.helpers import ROOT
-from tests.zeroshot_fixtures import COLOURS, png_declaring, python, render_shapes, shape_png
+from tests.zeroshot_fixtures import (BAD_TEMPLATES, COLOURS, png_declaring, python, render_shapes, shape_png,
+                                     write_checkpoint, write_hostile_checkpoint)
 
 
 def test_trained_model_names_colours_of_fresh_shapes(classifier):
@@ -115,6 +119,48 @@ def test_bad_inputs_raise_errors_that_say_what_is_wrong(classifier, tmp_path):
         classifier.classify(tmp_path / "missing.png", ["red"])
 
 
+@pytest.mark.parametrize("template", list(BAD_TEMPLATES))
+def test_templates_need_exactly_one_bare_placeholder(classifier, monkeypatch, template):
+    """Refused with a message before any prompt is built: '{{}}{:>100000000}' never becomes 100 MB prompts."""
+    import mm.zeroshot.classifier as module
+
+    monkeypatch.setattr(module, "build_zero_shot_head", lambda *a: pytest.fail("prompts built from a bad template"))
+    img = render_shapes(1, seed=2)[0][0]
+    with pytest.raises(ValueError, match=re.escape(BAD_TEMPLATES[template])):
+        classifier.classify(img, ["red", "blue"], templates=["a photo of a {}.", template])
+    with pytest.raises(ValueError, match=re.escape(BAD_TEMPLATES[template])):
+        check_templates([template])
+
+
+def test_templates_may_hold_commas_and_escaped_braces(classifier):
+    img = render_shapes(1, seed=2)[0][0]
+    for templates in (["a photo of a {}, in the wild"], ["{{{}}}"], ["{{a}} {}", "{}"]):
+        ranked = classifier.classify(img, ["red", "blue"], templates=templates)[0]
+        assert sum(p for _, p in ranked) == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="not one string"):  # one string would be read as one template per char
+        classifier.classify(img, ["red"], templates="a photo of a {}")
+
+
+def test_prompt_length_is_bounded(classifier):
+    img = render_shapes(1, seed=2)[0][0]
+    label = "x" * (MAX_PROMPT_CHARS - len("a ") + 1)  # the prompt "a xxx...": one character over
+    with pytest.raises(ValueError, match=f"the limit is {MAX_PROMPT_CHARS:,}"):
+        classifier.classify(img, [label], templates=["a {}"])
+    assert classifier.classify(img, [label[1:]], templates=["a {}"])[0][0][0] == label[1:]  # exactly at the limit
+    with pytest.raises(ValueError, match="the limit is"):
+        check_templates(["{}" + "y" * MAX_PROMPT_CHARS], ["z"])  # with any label at all
+
+
+def test_parse_templates_reads_json_or_lines_never_commas():
+    assert parse_templates("a photo of a {}, in the wild") == ["a photo of a {}, in the wild"]
+    assert parse_templates(" a {}, here\n\n{}, there \n") == ["a {}, here", "{}, there"]
+    assert parse_templates('["a {}, b", "{}"]') == ["a {}, b", "{}"]
+    with pytest.raises(ValueError, match="list of strings"):
+        parse_templates('["a {}", 3]')
+    with pytest.raises(ValueError, match="JSON"):
+        parse_templates('["a {}",')
+
+
 def test_open_image_refuses_bombs_before_decoding(tmp_path):
     (tmp_path / "huge.png").write_bytes(png_declaring(100_000, 100_000, rows=1))  # 10 gigapixels in a few KB
     with pytest.raises(ImageTooLarge):
@@ -166,6 +212,34 @@ def test_from_pretrained_loads_a_local_open_clip_weights_file(tmp_path):
     assert [p for _, p in a] == pytest.approx([p for _, p in b], abs=1e-6)
     with pytest.raises(FileNotFoundError, match="no such weights file"):
         ZeroShotClassifier.from_pretrained("mm-test-micro", tmp_path / "missing.pt")
+
+
+@pytest.fixture
+def hostile_run(tmp_path):
+    """(run folder, its checkpoints/step_00000001.pt whose unpickling would `touch` marker, marker)."""
+    marker = tmp_path / "pwned"
+    step = write_hostile_checkpoint(tmp_path / "run", marker)
+    return tmp_path / "run", step, marker
+
+
+def test_from_checkpoint_refuses_a_checkpoint_that_would_run_code(hostile_run):
+    run, step, marker = hostile_run
+    for path in (run, step):  # the run folder resolves to its newest step_*.pt
+        with pytest.raises(CheckpointError, match="refused") as e:
+            ZeroShotClassifier.from_checkpoint(path, device="cpu")
+        assert str(step) in str(e.value) and "could run code" in str(e.value)
+    assert not marker.exists()
+
+
+def test_from_checkpoint_explains_a_checkpoint_that_is_not_a_clip_run(tmp_path):
+    no_cfg = write_checkpoint(tmp_path / "a", {"model": {}})
+    with pytest.raises(ValueError, match="no model_cfg"):
+        ZeroShotClassifier.from_checkpoint(no_cfg, device="cpu")
+    for i, cfg in enumerate([{}, {"embed_dim": 8}, "ViT-B-32"]):  # used to escape as KeyError/TypeError
+        path = write_checkpoint(tmp_path / f"b{i}", {"model": {}, "model_cfg": cfg})
+        with pytest.raises(CheckpointError, match="cannot rebuild a CLIP model") as e:
+            ZeroShotClassifier.from_checkpoint(path, device="cpu")
+        assert str(path) in str(e.value)
 
 
 def make_colour_folder(root, per_class=6, seed=21):
@@ -248,7 +322,13 @@ def test_cli_eval_folder_writes_confusion_png(trained_clip, tmp_path, capsys):
                            "--checkpoint", str(trained_clip))
     assert code == 0
     result = json.loads(out)
-    assert result["n"] == 12 and 0 <= result["top1"] <= 1 and (tmp_path / "cm.png").stat().st_size > 0
+    want = ZeroShotClassifier.from_checkpoint(trained_clip, device="cpu").evaluate_folder(folder)
+    assert result["n"] == want["n"] == 12 and result["labels"] == want["labels"]
+    assert result["top1"] == pytest.approx(want["top1"]) and result["top5"] == pytest.approx(want["top5"])
+    assert result["confusion"] == want["confusion"] and result["per_class"] == want["per_class"]
+    assert result["skipped"] == want["skipped"] == [str(folder / "red" / "broken.png")]
+    with Image.open(tmp_path / "cm.png") as im:
+        assert im.format == "PNG"
 
 
 def test_cli_bad_input_exits_nonzero_with_a_message(trained_clip, tmp_path, capsys):
@@ -265,6 +345,48 @@ def test_cli_bad_input_exits_nonzero_with_a_message(trained_clip, tmp_path, caps
         assert code == 2 and message in err and out == "", (argv, err)
     with pytest.raises(SystemExit, match="python recipes/clip/train.py"):
         cli_main([str(img), "--labels", "a", "--checkpoint", str(tmp_path / "no_run")])
+
+
+@pytest.mark.parametrize("template", ["{} {x}", "{{}}{:>100000000}", "{}{"])
+def test_cli_refuses_a_bad_templates_file_before_loading_the_model(tmp_path, capsys, monkeypatch, template):
+    import mm.zeroshot.__main__ as cli
+
+    monkeypatch.setattr(cli, "load_classifier", lambda args: pytest.fail("model loaded for a bad template"))
+    img = shape_png(tmp_path / "x.png")
+    (tmp_path / "templates.txt").write_text(f"a photo of a {{}}, in the wild\n{template}\n")
+    code, out, err = run_cli(capsys, str(img), "--labels", "red", "--templates-file", str(tmp_path / "templates.txt"))
+    assert code == 2 and out == "" and BAD_TEMPLATES[template] in err and template in err
+    (tmp_path / "empty.txt").write_text("# nothing but a comment\n")
+    code, _, err = run_cli(capsys, str(img), "--labels", "red", "--templates-file", str(tmp_path / "empty.txt"))
+    assert code == 2 and "no templates" in err
+
+
+def run_module(*argv: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(python(*argv), cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_cli_refuses_a_checkpoint_that_would_run_code_in_one_line(hostile_run, tmp_path):
+    run, step, marker = hostile_run
+    img = shape_png(tmp_path / "x.png")
+    for path in (run, step):
+        proc = run_module("-m", "mm.zeroshot", str(img), "--labels", "a", "--checkpoint", str(path))
+        assert proc.returncode != 0 and proc.stdout == ""
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert str(step) in proc.stderr and "refused" in proc.stderr
+    assert not marker.exists()
+
+
+def test_cli_explains_a_checkpoint_without_model_cfg_in_one_line(tmp_path):
+    img = shape_png(tmp_path / "x.png")
+    for state, words in [({"model": {}}, "no model_cfg"), ({"model": {}, "model_cfg": {}}, "cannot rebuild")]:
+        run = tmp_path / words.replace(" ", "_")
+        write_checkpoint(run, state)
+        proc = run_module("-m", "mm.zeroshot", str(img), "--labels", "a", "--checkpoint", str(run))
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        # (open_clip may log a WARNING line of its own first)
+        error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(error_lines) == 1 and str(run) in error_lines[0] and words in error_lines[0], proc.stderr
 
 
 def test_python_dash_m_mm_zeroshot_runs_as_a_user_runs_it(trained_clip, tmp_path):

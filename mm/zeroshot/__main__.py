@@ -16,7 +16,7 @@ import json
 import sys
 
 from mm.zeroshot.args import add_model_args, load_classifier
-from mm.zeroshot.inputs import find_images, parse_labels, read_lines
+from mm.zeroshot.inputs import check_templates, find_images, parse_labels, read_lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", help="image files and/or folders (searched recursively)")
     p.add_argument("--labels", help='labels, comma-separated ("cat,dog") or a JSON list')
     p.add_argument("--labels-file", help="text file with one label per line")
-    p.add_argument("--templates-file", help="text file with one prompt template per line, '{}' marks the label")
+    p.add_argument("--templates-file", help="text file with one prompt template per line, "
+                   "each with one '{}' where the label goes ('{{' and '}}' for literal braces)")
     p.add_argument("--top-k", type=int, default=5, help="labels to show per image (default: %(default)s)")
     p.add_argument("--format", choices=("json", "table"), default="json", help="output format (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
@@ -66,6 +67,8 @@ def run(args) -> str:
     """The output text for parsed `args`; raises ValueError/FileNotFoundError on bad input."""
     labels = read_labels(args)
     templates = read_lines(args.templates_file) if args.templates_file else None
+    if templates is not None:  # before the model loads: a bad template is the user's to fix, in seconds
+        check_templates(templates, labels or ())
     if args.eval_folder:
         clf = load_classifier(args)
         result = clf.evaluate_folder(args.eval_folder, labels, templates, args.confusion_png, args.batch_size)

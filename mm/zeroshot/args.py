@@ -26,12 +26,15 @@ def load_classifier(args: argparse.Namespace, **kwargs):
         raise SystemExit("error: --model and --weights go together (an architecture and its weights file)")
     if not use_weights and not Path(args.checkpoint).exists():
         raise SystemExit(f"error: no CLIP checkpoint at {args.checkpoint}. {TRAIN_HINT}")
-    from mm.zeroshot.classifier import ZeroShotClassifier  # here: a missing model is reported before torch loads
+    from mm.checkpoint import CheckpointError  # here: a missing model is reported before torch loads
+    from mm.zeroshot.classifier import ZeroShotClassifier
 
     try:
         if use_weights:
             return ZeroShotClassifier.from_pretrained(args.model, args.weights, args.device, **kwargs)
         return ZeroShotClassifier.from_checkpoint(args.checkpoint, args.device, **kwargs)
+    except CheckpointError as e:  # the file exists but is refused or broken: training another is not the fix
+        raise SystemExit(f"error: {e}")
     except (FileNotFoundError, ValueError) as e:
         hint = "" if use_weights or "recipes/clip/train.py" in str(e) else f"\n{TRAIN_HINT}"
         raise SystemExit(f"error: {e}{hint}")

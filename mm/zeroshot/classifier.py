@@ -18,9 +18,11 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from mm.checkpoint import CheckpointError
 from mm.clip.evaluate import build_zero_shot_head, encode_images, topk_correct
 from mm.clip.model import create_clip, load_clip
-from mm.zeroshot.inputs import DEFAULT_MAX_PIXELS, ImageTooLarge, NotAnImage, find_images, open_image
+from mm.zeroshot.inputs import (DEFAULT_MAX_PIXELS, ImageTooLarge, NotAnImage, check_templates, find_images,
+                                open_image)
 
 # A few of OpenAI's ImageNet prompts (Radford et al. 2021, "prompt engineering and ensembling").
 DEFAULT_TEMPLATES = (
@@ -43,7 +45,7 @@ def pick_device(device: str | torch.device | None) -> torch.device:
 
 
 def check_labels(labels: Sequence[str], templates: Sequence[str]) -> None:
-    """Raise ValueError for an empty, blank or repeated label, or a template without '{}'."""
+    """Raise ValueError for an empty, blank or repeated label, or an unusable template (see check_templates)."""
     if isinstance(labels, str):
         raise ValueError(f"labels must be a list of strings, not one string ({labels!r}); see parse_labels")
     if not labels:
@@ -52,8 +54,7 @@ def check_labels(labels: Sequence[str], templates: Sequence[str]) -> None:
         raise ValueError(f"labels must be non-empty strings, got {list(labels)!r}")
     if len(set(labels)) != len(labels):
         raise ValueError(f"labels repeat: {sorted({x for x in labels if list(labels).count(x) > 1})}")
-    if not templates or any("{}" not in t for t in templates):
-        raise ValueError(f"templates: each needs a '{{}}' where the label goes, got {list(templates)!r}")
+    check_templates(templates, labels)
 
 
 def as_batch(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
@@ -90,9 +91,18 @@ class ZeroShotClassifier:
     @classmethod
     def from_checkpoint(cls, path: str | Path = "runs/clip", device: str | torch.device | None = None,
                         **kwargs) -> "ZeroShotClassifier":
-        """From anything recipes/clip/train.py writes: a run folder, its export/ folder or a step_*.pt file."""
-        device = pick_device(device)
-        model, preprocess, tokenizer = load_clip(path, device)
+        """From anything recipes/clip/train.py writes: a run folder, its export/ folder or a step_*.pt file.
+
+        Raises FileNotFoundError when there is none, and CheckpointError (a ValueError) naming the file
+        when it is refused (it holds Python objects, so loading it could run code), corrupt, or does not
+        describe a CLIP model.
+        """
+        try:  # on the CPU: here a RuntimeError is the checkpoint's, never the GPU's (__init__ moves it)
+            model, preprocess, tokenizer = load_clip(path, "cpu")
+        except (KeyError, TypeError, AttributeError, RuntimeError) as e:
+            # open_clip's factory and load_state_dict meet a foreign or incomplete model_cfg / weights
+            raise CheckpointError(f"{path}: cannot rebuild a CLIP model from it ({type(e).__name__}: "
+                                  f"{str(e)[:300]}); is it a checkpoint recipes/clip/train.py wrote?") from None
         return cls(model, preprocess, tokenizer, device, name=str(path), **kwargs)
 
     @classmethod
@@ -108,8 +118,8 @@ class ZeroShotClassifier:
 
     def text_head(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
         """[C, D] unit vectors, one per label (mean over templates); cached per (labels, templates)."""
+        check_labels(labels, templates or DEFAULT_TEMPLATES)  # before tuple(), which splits one string into chars
         templates = tuple(templates or DEFAULT_TEMPLATES)
-        check_labels(labels, templates)
         key = (tuple(labels), templates)
         with self._lock:
             if key in self._heads:
@@ -173,7 +183,7 @@ class ZeroShotClassifier:
         """For each image, its `top_k` most probable labels as (label, probability), best first.
 
         images: a path, PIL image, preprocessed [3, H, W] tensor, a [B, 3, H, W] tensor, or a list of these.
-        templates: prompts with '{}' for the label (default DEFAULT_TEMPLATES).
+        templates: prompts with one bare '{}' for the label (default DEFAULT_TEMPLATES); see check_templates.
         Always returns one list per image, also for a single image.
         """
         if top_k < 1:

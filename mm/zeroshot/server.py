@@ -4,9 +4,11 @@
     curl -F image=@cat.jpg -F labels="cat,dog,car" http://127.0.0.1:8000/classify
 
 Endpoints: POST /classify (multipart: image file, labels as "a,b" or a JSON list, optional top_k and
-templates), GET /health, OpenAPI at /docs and /openapi.json. Binds to 127.0.0.1 unless --host says
-otherwise. Bad input gets a 4xx with {"detail": message}:
-    400 labels or templates unusable (none, too many, too long, malformed)
+templates as a JSON list or one per line, each with one bare {} for the label), GET /health, OpenAPI
+at /docs and /openapi.json. Binds to 127.0.0.1 unless --host says otherwise. Bad input gets a 4xx
+with {"detail": message}:
+    400 labels or templates unusable (none, too many, too long, malformed; a template other than
+        exactly one bare {} placeholder, such as "{} {x}", "{0}", "{.attr}" or "{:>9}")
     413 request or image file over the size limit, or an image with too many pixels (decompression bomb)
     415 the upload is not a decodable image
     422 a required field is missing or of the wrong type (FastAPI's own validation)
@@ -25,13 +27,14 @@ from pydantic import BaseModel
 from mm.zeroshot.args import add_model_args, load_classifier
 from mm.zeroshot.classifier import DEFAULT_TEMPLATES, ZeroShotClassifier, check_labels
 from mm.zeroshot.inputs import (DEFAULT_MAX_PIXELS, ImageTooLarge, NotAnImage, labels_from_text, open_image,
-                               parse_labels)
+                               parse_templates)
 
 log = logging.getLogger("mm.zeroshot.server")
 FORM_OVERHEAD = 64 * 1024  # bytes a multipart body may carry beyond the image: boundaries, labels, templates
 MAX_LABEL_CHARS = 200  # per label or template; the tokenizer keeps far fewer tokens anyway
 MAX_TEMPLATES = 16
-TEMPLATES_HELP = f"JSON list of prompts, {{}} marks the label; default {json.dumps(list(DEFAULT_TEMPLATES[:2]))}, ..."
+TEMPLATES_HELP = (f"prompts as a JSON list or one per line (never split on commas), each with one bare {{}} where "
+                  f"the label goes; default {json.dumps(list(DEFAULT_TEMPLATES[:2]))}, ...")
 
 
 class Prediction(BaseModel):
@@ -82,7 +85,7 @@ def parse_form_labels(labels: str, templates: str | None, max_labels: int) -> tu
     """Validated (labels, templates) from the form fields; HTTPException(400) says what is wrong."""
     try:
         label_list = labels_from_text(labels, max_labels)
-        template_list = parse_labels(templates) if templates else None
+        template_list = parse_templates(templates) if templates else None  # commas belong to the prompt
     except ValueError as e:
         raise HTTPException(400, str(e)) from None
     if template_list is not None and len(template_list) > MAX_TEMPLATES:
