@@ -203,7 +203,8 @@ def test_from_pretrained_loads_a_local_open_clip_weights_file(tmp_path):
     import open_clip
 
     torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms("mm-test-micro")
+    from mm.clip.model import resolve_model_name
+    model, _, preprocess = open_clip.create_model_and_transforms(resolve_model_name("mm-test-micro"))  # registers ours
     torch.save({"state_dict": model.state_dict()}, tmp_path / "weights.pt")  # open_clip_train's layout
     img = render_shapes(1, seed=4)[0][0]
     direct = ZeroShotClassifier(model, preprocess, open_clip.get_tokenizer("mm-test-micro"), "cpu")
@@ -233,10 +234,10 @@ def test_from_checkpoint_refuses_a_checkpoint_that_would_run_code(hostile_run):
 
 def test_from_checkpoint_explains_a_checkpoint_that_is_not_a_clip_run(tmp_path):
     no_cfg = write_checkpoint(tmp_path / "a", {"model": {}})
-    with pytest.raises(ValueError, match="no model_cfg"):
+    with pytest.raises(ValueError, match="no model config"):
         ZeroShotClassifier.from_checkpoint(no_cfg, device="cpu")
     for i, cfg in enumerate([{}, {"embed_dim": 8}, "ViT-B-32"]):  # used to escape as KeyError/TypeError
-        path = write_checkpoint(tmp_path / f"b{i}", {"model": {}, "model_cfg": cfg})
+        path = write_checkpoint(tmp_path / f"b{i}", {"model": {}, "extra": {"model_cfg": cfg}})
         with pytest.raises(CheckpointError, match="cannot rebuild a CLIP model") as e:
             ZeroShotClassifier.from_checkpoint(path, device="cpu")
         assert str(path) in str(e.value)
@@ -379,7 +380,7 @@ def test_cli_refuses_a_checkpoint_that_would_run_code_in_one_line(hostile_run, t
 
 def test_cli_explains_a_checkpoint_without_model_cfg_in_one_line(tmp_path):
     img = shape_png(tmp_path / "x.png")
-    for state, words in [({"model": {}}, "no model_cfg"), ({"model": {}, "model_cfg": {}}, "cannot rebuild")]:
+    for state, words in [({"model": {}}, "no model config"), ({"model": {}, "extra": {"model_cfg": {}}}, "cannot rebuild")]:
         run = tmp_path / words.replace(" ", "_")
         write_checkpoint(run, state)
         proc = run_module("-m", "mm.zeroshot", str(img), "--labels", "a", "--checkpoint", str(run))

@@ -95,7 +95,7 @@ def write_hostile_checkpoint(run_dir: Path, marker: Path) -> Path:
     unsafely, so a test that finds no marker after using it proves the file was refused."""
     import torch
 
-    path = write_checkpoint(run_dir, {"model": {}, "model_cfg": RunsCommand(marker)})
+    path = write_checkpoint(run_dir, {"model": {}, "extra": {"model_cfg": RunsCommand(marker)}})
     torch.load(path, weights_only=False)  # what a trusting loader does
     assert marker.exists(), "the hostile checkpoint should run its command when loaded unsafely"
     marker.unlink()
