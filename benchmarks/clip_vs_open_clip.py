@@ -36,10 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mm.clip.evaluate import evaluate_clip  # noqa: E402
-from mm.clip.model import MODEL_CONFIG_DIR, create_clip, load_clip  # noqa: E402
+from mm.checkpoint import load_checkpoint  # noqa: E402
+from mm.clip.model import MM_MODEL_CONFIGS, create_clip, load_clip  # noqa: E402
 
-SYNTH_DIR = "data/clip_synth"  # the recipe's built-in data; generated here if missing (60000 train samples)
-SYNTH_TRAIN = 60000  # same as CLIPConfig.synthetic_train, so neither side regenerates the data
+SYNTH_ROOT = "data/bench_clip"  # the built-in synthetic data, at the model's image size: data/bench_clip/<size>px
+SYNTH_TRAIN = 60000  # one pass covers --samples; generated once per image size
 
 # open_clip_train in a subprocess, with our JSON model configs registered in its model registry first
 PEER_SHIM = "benchmarks/open_clip_train_shim.py"
@@ -55,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=53760,
                    help="training samples per side, whole batches, at most one pass over the 60000 train samples")
     p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--model", default="mm-tiny-rn-64",
-                   help="open_clip model name or one of recipes/clip/configs/models")
+    p.add_argument("--model", default="mm-tiny-rn-32",
+                   help="open_clip model name or one of ours (mm/clip/model_configs)")
     p.add_argument("--workers", type=int, default=0,
                    help="open_clip_train --workers (0 works, data loads in-process; its fastest on 2 CPU cores)")
     p.add_argument("--our_workers", type=int, default=0, help="our recipe's num_workers (0 is its best CPU setting)")
@@ -98,6 +99,7 @@ def count_train_flops_per_sample(model_name: str) -> dict[str, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     model, _, _, tokenizer, _ = create_clip(model_name)
+    model.eval()  # a batch of one: BatchNorm in train mode refuses a 1x1 feature map of one sample
     size = model.visual.image_size
     size = size if isinstance(size, int) else size[0]
     images, texts = torch.randn(1, 3, size, size), tokenizer(["a photo of a red circle."])
@@ -115,15 +117,21 @@ def mfu(samples_per_s: float, train_flops: float, peak_tflops: float | None) -> 
 
 # ---------------------------------------------------------------------------- data
 
-def prepare_train_spec() -> str:
-    """Generate the built-in shards if missing; return one brace spec naming every train shard."""
+def synth_dir(model_name: str) -> Path:
+    """The built-in data rendered at `model_name`'s input size (pre-resized, as the recipe makes it)."""
+    size = create_clip(model_name).model.visual.image_size
+    return ROOT / SYNTH_ROOT / f"{size if isinstance(size, int) else size[0]}px"
+
+
+def prepare_train_spec(data: Path) -> str:
+    """Generate the built-in shards in `data` if missing; return one brace spec naming every train shard."""
     from data_tools.synthetic_clip import ensure_synthetic_clip
-    ensure_synthetic_clip(ROOT / SYNTH_DIR, train=SYNTH_TRAIN)
-    names = sorted(f.name for f in (ROOT / SYNTH_DIR / "train").glob("shard-*.tar"))
+    ensure_synthetic_clip(data, train=SYNTH_TRAIN, image_size=int(data.name[:-2]))
+    names = sorted(f.name for f in (data / "train").glob("shard-*.tar"))
     expected = [f"shard-{i:06d}.tar" for i in range(len(names))]
     if names != expected:
-        raise SystemExit(f"{SYNTH_DIR}/train holds {names[:3]}...; expected shard-000000.tar onwards, contiguous")
-    return f"{SYNTH_DIR}/train/shard-{{000000..{len(names) - 1:06d}}}.tar"
+        raise SystemExit(f"{data}/train holds {names[:3]}...; expected shard-000000.tar onwards, contiguous")
+    return f"{data.relative_to(ROOT)}/train/shard-{{000000..{len(names) - 1:06d}}}.tar"
 
 
 # ---------------------------------------------------------------------------- the two runs
@@ -185,6 +193,7 @@ def run_ours(args, spec: str, precision: str, out: Path) -> dict:
            f"--precision={precision}", "--seed=0", f"--log_every={args.log_every}",
            # like open_clip_train --epochs 1: one checkpoint and one evaluation, both at the end
            f"--ckpt_every={args.steps}", "--eval_every=0", "--val_data=none", "--tensorboard=false",
+           f"--zeroshot_data={args.data / 'zeroshot'}",
            f"--out_dir={run_dir}"]
     run = run_logged(cmd, out / "ours.log", args.wait_idle)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -199,7 +208,7 @@ def run_ours(args, spec: str, precision: str, out: Path) -> dict:
 
 def run_peer(args, spec: str, precision: str, device: str, out: Path) -> dict:
     logs = out / "open_clip_train"
-    cmd = [sys.executable, PEER_SHIM, str(MODEL_CONFIG_DIR.relative_to(ROOT)),
+    cmd = [sys.executable, PEER_SHIM, str(MM_MODEL_CONFIGS.relative_to(ROOT)),
            "--train-data", spec, "--dataset-type", "webdataset", "--train-num-samples", str(args.samples),
            "--epochs", "1", "--batch-size", str(args.batch_size), "--workers", str(args.workers),
            "--model", args.model, "--lr", str(args.lr), "--warmup", str(args.warmup_steps),
@@ -244,16 +253,15 @@ def steady_state(windows: list[tuple[int, float]]) -> dict:
 def load_peer_model(ckpt_path: str, model_name: str, device):
     """open_clip_train's epoch_N.pt ({"state_dict": ...}, keys maybe 'module.'-prefixed) as an eval model."""
     model, _, pre_val, tokenizer, _ = create_clip(model_name)
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+    state = load_checkpoint(ckpt_path)["state_dict"]  # weights_only=True: open_clip_train saves plain state
     state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
     model.load_state_dict(state)
     return model.to(device).eval(), pre_val, tokenizer
 
 
-def score(model, preprocess, tokenizer, device) -> dict[str, float]:
-    """Zero-shot top-1/top-5 on data/clip_synth/zeroshot and retrieval R@1 on .../val, as the recipe scores."""
-    return evaluate_clip(model, preprocess, tokenizer, device, str(ROOT / SYNTH_DIR / "zeroshot"),
-                         str(ROOT / SYNTH_DIR / "val"), recall_ks=(1,))
+def score(model, preprocess, tokenizer, device, data: Path) -> dict[str, float]:
+    """Zero-shot top-1/top-5 on <data>/zeroshot and retrieval R@1 on <data>/val, as the recipe scores."""
+    return evaluate_clip(model, preprocess, tokenizer, device, str(data / "zeroshot"), str(data / "val"), recall_ks=(1,))
 
 
 # ---------------------------------------------------------------------------- report
@@ -307,7 +315,8 @@ def main(argv=None) -> dict:
     for sub in ("ours", "open_clip_train"):  # both CLIs refuse to reuse a run folder
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    spec = prepare_train_spec()
+    data = args.data = synth_dir(args.model)
+    spec = prepare_train_spec(data)
     print(f"{args.samples} samples = {args.steps} steps of {args.batch_size}, warmup {args.warmup_steps}, "
           f"lr {args.lr}, on {device}")
 
@@ -317,15 +326,15 @@ def main(argv=None) -> dict:
     peer = run_peer(args, spec, "amp_bf16" if cuda else "fp32", device, out)
 
     print("scoring both with mm.clip.evaluate on the held-out zero-shot set", flush=True)
-    ours.update(score(*load_clip(ours["model_path"], device), device))
-    peer.update(score(*load_peer_model(peer["model_path"], args.model, device), device))
+    ours.update(score(*load_clip(ours["model_path"], device), device, data))
+    peer.update(score(*load_peer_model(peer["model_path"], args.model, device), device, data))
     if ours["recipe_zeroshot_top1"] is not None and abs(ours["recipe_zeroshot_top1"] - ours["zeroshot_top1"]) > 1e-9:
         print(f"warning: the recipe's own zero-shot top-1 {ours['recipe_zeroshot_top1']:.4f} differs from ours here")
     for r in (ours, peer):
         r["tflops"] = r["samples_per_s"] * flops["train_flops"] / 1e12
         r["mfu"] = mfu(r["samples_per_s"], flops["train_flops"], peak)
 
-    res = {"config": {k: v for k, v in vars(args).items() if k not in ("mfu",)}, "command": " ".join(sys.argv),
+    res = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("mfu",)}, "command": " ".join(sys.argv),
            "machine": machine(), "device": device, "peak_tflops": peak, "flops": flops,
            "ours": ours, "open_clip_train": peer,
            "ratio_samples_per_s": ours["samples_per_s"] / peer["samples_per_s"],

@@ -55,3 +55,20 @@ def test_other_transforms_are_kept_as_they_are():
     assert transform is jitter and finish is as_float
     x = torch.rand(2, 3, 4, 4)
     assert finish(x) is x
+
+
+@pytest.mark.parametrize("fmt, key", [("PNG", "png"), ("JPEG", "jpg"), ("BMP", "bmp"), ("GIF", "gif"),
+                                      ("TIFF", "tiff"), ("WEBP", "webp")])
+def test_the_loader_reads_every_image_type_the_writer_accepts(preprocess, fmt, key):
+    """One list of image types (mm.media): a shard field named by any of them decodes."""
+    import io
+
+    from data_tools import write_shards
+    from mm.decoders import pair_decoder
+    from mm.media import IMAGE_EXTENSIONS, IMAGE_KEYS
+
+    assert write_shards.IMAGE_EXTENSIONS is IMAGE_EXTENSIONS and key in IMAGE_KEYS
+    buf = io.BytesIO()
+    photo().save(buf, format=fmt)
+    image, caption = pair_decoder(preprocess)({"__key__": "k", key: buf.getvalue(), "txt": b"a cat"})
+    assert image.shape == (3, 32, 32) and caption == "a cat"
