@@ -65,7 +65,7 @@ class CLIPConfig:
     # --- optimisation
     batch_size: int = 128  # per process, per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step, together ONE contrastive batch of grad_accum x batch_size
-    max_steps: int = 500  # optimizer steps
+    max_steps: int = 550  # optimizer steps
     lr: float = 2e-3  # peak learning rate
     min_lr_ratio: float = 0.02  # final lr as a fraction of the peak
     warmup_steps: int = 30  # linear warmup steps
@@ -80,9 +80,9 @@ class CLIPConfig:
     out_dir: str = "runs/clip"  # checkpoints, metrics.jsonl, tensorboard/, export/, config.yaml
     resume: str | None = None  # "latest" or a checkpoint path; required to reuse an out_dir with checkpoints
     resume_ignore_data: bool = False  # resume weights/optimizer/schedule but start the data afresh (new data or setup)
-    ckpt_every: int = 250  # steps between checkpoints
+    ckpt_every: int = 275  # steps between checkpoints
     keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
-    eval_every: int = 250  # steps between evaluations (0: only at the end)
+    eval_every: int = 275  # steps between evaluations (0: only at the end)
     log_every: int = 20  # steps between metrics.jsonl rows
     tensorboard: bool = True  # also log to <out_dir>/tensorboard
     wandb_project: str | None = None  # log to this wandb project (needs `pip install wandb`)
