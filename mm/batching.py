@@ -17,17 +17,19 @@ batch raises `SampleTooLong`; the loader counts it (`too_long`) and goes on.
 
 THE RESUME RULE. A batcher may hold samples across batches (a bucket, an open pack), so "the position
 of the last sample read" is not where a resumed run may start: the held samples would be lost. So
-every batch records, for its worker, the last position read AND the keys still held. A resumed worker
-re-reads its stream from the oldest held key, skips (reads, does not decode) every sample up to the last
-position read except the held ones, decodes those again (same per-sample seed, so same augmentation)
-and feeds them, in arrival order, to a fresh batcher; then it goes on with new samples. For that to give
-exactly the uninterrupted run's batches, a batcher must be *replay-stable*:
+every batch records, for its worker, the last position read, the keys still held, and (when one sample
+completed several batches at once) the keys of the batches still to come from it, "pending". A resumed
+worker re-reads its stream from the oldest of those keys, skips (reads, does not decode) every sample up to
+the last position read except the held and pending ones, decodes those again (same per-sample seed, so
+same augmentation) and feeds them, in arrival order, to a fresh batcher; then it goes on with new samples.
+For that to give exactly the uninterrupted run's batches, a batcher must be *replay-stable*:
 
-    fed only its held samples, in arrival order, a fresh batcher emits no batch and ends in the same state.
+    fed only those samples, in arrival order, a fresh batcher emits exactly the pending batches and ends
+    holding exactly the held samples, in the same state.
 
 All three batchers here are (their docstrings say why), `check_replay` tests any batcher for it, and the
-loader checks after every replay that nothing was emitted and the same keys are held again, raising
-`BatcherNotResumable` otherwise: a batcher that breaks the rule fails loudly instead of changing data.
+loader checks it on every resume, raising `BatcherNotResumable` otherwise: a batcher that breaks the rule
+fails loudly instead of changing the data.
 """
 from __future__ import annotations
 
@@ -179,15 +181,22 @@ def estimate_bucket_bounds(lengths: Iterable[float], num_buckets: int) -> list[f
     return sorted(set(edges))
 
 
-def check_replay(batcher: Any, held: list[Item]) -> None:
-    """Feed `held` (the (key, sample)s a batcher held, arrival order) to a fresh batcher: it must emit
-    nothing and hold the same keys. Raises BatcherNotResumable naming the batcher otherwise."""
-    for key, sample in held:
-        if batcher.add(key, sample):
-            raise BatcherNotResumable(
-                f"{type(batcher).__name__} emitted a batch while its held samples were replayed on resume; "
-                f"see the resume rule in mm/batching.py")
-    if batcher.held() != sorted(k for k, _ in held):
+def check_replay(batcher: Any, replayed: list[Item], held: list[Key] | None = None,
+                 pending: list[list[Key]] | None = None) -> list[list[Item]]:
+    """Feed `replayed` (the (key, sample)s of a checkpoint's held and pending keys, arrival order) to a fresh
+    batcher: it must emit exactly the `pending` batches and end holding exactly `held` (defaults: nothing
+    pending, every replayed key held). Returns the batches it emitted; BatcherNotResumable otherwise."""
+    pending = pending or []
+    held = sorted(k for k, _ in replayed) if held is None else sorted(held)
+    emitted = [b for key, sample in replayed for b in batcher.add(key, sample)]
+    if [[k for k, _ in b] for b in emitted] != [list(b) for b in pending]:
         raise BatcherNotResumable(
-            f"{type(batcher).__name__} holds other samples after its held ones were replayed on resume "
-            f"({len(batcher.held())} instead of {len(held)}); see the resume rule in mm/batching.py")
+            f"{type(batcher).__name__} emitted {len(emitted)} batches while the samples it held were replayed on "
+            f"resume, where the checkpoint says {len(pending)}; see the resume rule in mm/batching.py")
+    if batcher.held() != held:
+        missing = len(set(held) - set(batcher.held()))
+        raise BatcherNotResumable(
+            f"{type(batcher).__name__} holds {len(batcher.held())} samples after the replay on resume, the "
+            f"checkpoint says {len(held)} ({missing} of those could not be read and decoded again, or were not "
+            f"taken back); see the resume rule in mm/batching.py")
+    return emitted

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -123,8 +124,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint's contents, read with `weights_only=True`: tensors and plain containers only, so a
     file from anyone can be opened without running code. Anything else is a CheckpointError naming the
     file. A sharded checkpoint folder gives its train_state.pt (the model shards load through DCP)."""
-    import pickle
-
     path = Path(path)
     file = path / SHARDED_STATE if path.is_dir() else path
     try:
@@ -141,21 +140,89 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                               f"({type(e).__name__}: {str(e)[:300]})") from None
 
 
-def load_newest(candidates: list[Path]) -> tuple[Path, dict[str, Any]]:
-    """The newest of `candidates` (newest first) that loads, and its contents. Each one skipped is
-    named in a warning with why; CheckpointError listing every reason if none loads."""
+def load_newest(candidates: list[Path], set_aside: bool = False) -> tuple[Path, dict[str, Any]]:
+    """The newest of `candidates` (newest first) that loads, and its contents. Each one skipped is named in
+    a warning with why, and with `set_aside` renamed to <name>.unusable, so that it no longer counts as a
+    checkpoint (nor for keep-last-K) and its step can be written again. CheckpointError listing every
+    reason if none loads."""
     reasons = []
     for path in candidates:
         try:
             state = load_checkpoint(path)
+            if path.is_dir():
+                read_sharded_metadata(path)  # its shards' index must load too
         except CheckpointError as e:
-            log.warning("skipping checkpoint %s", e)
             reasons.append(str(e))
+            if set_aside:
+                path.rename(path.with_name(path.name + ".unusable"))
+            log.warning("skipping checkpoint %s%s", e, f" (renamed to {path.name}.unusable)" if set_aside else "")
             continue
         if reasons:
             log.warning("resuming from %s, the newest checkpoint that loads (%d newer skipped)", path, len(reasons))
         return path, state
     raise CheckpointError("no checkpoint loads:\n  " + "\n  ".join(reasons))
+
+
+# ---------------------------------------------------------------- sharded checkpoints, read without pickle's trust
+
+# torch.distributed.checkpoint reads its .metadata index with plain pickle.load and its non-tensor entries with
+# torch.load(weights_only=False): a folder from someone else could run code. These two replace exactly those
+# reads with a pickle that admits only DCP's own metadata classes, and with weights_only=True.
+_DCP_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits only DCP's metadata classes and torch dtypes (Python's documented way to restrict globals)."""
+
+    def find_class(self, module, name):
+        if (module, name) in _DCP_METADATA_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                         torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"unsupported global {module}.{name}")
+
+
+def read_sharded_metadata(path: str | Path):
+    """The DCP index (.metadata) of a sharded checkpoint folder; CheckpointError if it holds anything else."""
+    try:
+        with open(Path(path) / ".metadata", "rb") as f:
+            return _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused: its .metadata holds Python objects other than checkpoint "
+                              f"metadata, and loading it could run code ({e})") from None
+    except (OSError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a readable sharded checkpoint ({type(e).__name__}: {e})") from None
+
+
+def safe_dcp_reader_and_planner(path: str | Path):
+    """(storage_reader, planner) for torch.distributed.checkpoint.load that never unpickle beyond tensors,
+    plain containers and DCP's metadata."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.default_planner import set_element
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata = read_sharded_metadata(self.path)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return Reader(str(path)), Planner()
 
 
 def capture_rng() -> dict[str, Any]:

@@ -103,6 +103,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def no_sync(model: torch.nn.Module, skip: bool = True):
     """Accumulate gradients locally (no all-reduce) inside the block when `skip`: every micro-step of a
     gradient-accumulation step but the last."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the DDP module is inside
     if not skip:
         yield
     elif isinstance(model, torch.nn.parallel.DistributedDataParallel):

@@ -18,12 +18,13 @@ brace expansion, opening local/http/pipe URLs, and grouping tar members into sam
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
 import tarfile
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -149,14 +150,16 @@ def read_tar_members(stream, url: str) -> Iterator[dict]:
     the end-of-archive block. (webdataset's tar_file_iterator, plus that check.)"""
     tf = tarfile.open(fileobj=stream, mode="r|*")
     tf.fileobj = tail = _LastRead(tf.fileobj)
-    for info in tf:
-        if info.isreg() and not info.name.startswith("__"):
-            yield {"fname": info.name, "data": tf.extractfile(info).read(), "__url__": url}
-        tf.members = []  # stream mode keeps every TarInfo otherwise
-    if len(tail.last) != tarfile.BLOCKSIZE or any(tail.last):
-        yield {}  # group_by_keys' end-of-shard marker: hand on the last sample read whole (if incomplete, it fails
-        # to decode and is counted as a bad sample)
-        raise TruncatedShard("no end-of-archive block: the shard is cut short or corrupt past this point")
+    try:
+        for info in tf:
+            if info.isreg() and not info.name.startswith("__"):
+                yield {"fname": info.name, "data": tf.extractfile(info).read(), "__url__": url}
+            tf.members = []  # stream mode keeps every TarInfo otherwise
+        if len(tail.last) != tarfile.BLOCKSIZE or any(tail.last):
+            raise TruncatedShard("no end-of-archive block: the shard is cut short or corrupt past this point")
+    except Exception:
+        yield {}  # group_by_keys' end-of-shard marker: hand on the last sample read whole (if incomplete, it
+        raise     # fails to decode and is counted as a bad sample), then count the shard as bad
 
 
 def read_jsonl_lines(stream, unit: Unit) -> Iterator[dict]:
@@ -254,32 +257,45 @@ def decode_samples(items: Iterable[tuple], decode: Callable[[dict], Any], counts
 
 
 def batch_samples(items: Iterable[tuple], batcher, collate: Callable[[list], Any], worker: int,
-                  counts: dict[str, int]) -> Iterator[tuple[Any, dict]]:
+                  counts: dict[str, int], resume: dict | None = None) -> Iterator[tuple[Any, dict]]:
     """Feed decoded samples to `batcher`; collate each batch it completes. Each batch carries this worker's
-    state after it: the last position read, the keys still held (the resume rule, mm/batching.py), the
-    counts, and the sample keys in the batch. Replayed samples (a resume) must re-create the held state."""
+    state after it (the resume rule, mm/batching.py): the last position read, the keys still held, the keys
+    of the batches the same sample completed after this one ("pending"), the counts, and its sample keys.
+    On a resume (`resume`: the state a checkpoint recorded), the replayed samples (flagged) go back into the
+    batcher first, which must give exactly the recorded pending batches and held keys."""
     ids: dict = {}
-    replayed: list | None = []
+    replayed, replaying = [], True
     for epoch, pos, sample_id, sample, replay in items:
         key = (epoch, pos)
+        ids[key] = sample_id
         if replay:
             replayed.append((key, sample))
-            ids[key] = sample_id
             continue
-        if replayed is not None:  # first new sample after a resume: the replay must have rebuilt the batcher
-            check_replay(batcher, replayed)
-            replayed = None
+        if replaying:  # the first new sample after a resume: first the batches the replay completes
+            state = resume or {}
+            held = [tuple(k) for k in state.get("held", [])]
+            pending = [[tuple(k) for k in b] for b in state.get("pending", [])]
+            ready = check_replay(batcher, replayed, held, pending)
+            yield from _emit(ready, batcher, collate, ids, {"worker": worker, "epoch": state.get("epoch", 0),
+                                                             "position": state.get("position", 0)}, counts)
+            replayed, replaying = [], False
         try:
             ready = batcher.add(key, sample)
         except SampleTooLong as e:
             counts["too_long"] += 1
             log.warning("skipping sample %s: %s (%d too long so far)", sample_id, e, counts["too_long"])
+            del ids[key]
             continue
-        ids[key] = sample_id
-        for batch in ready:
-            state = {"worker": worker, "epoch": epoch, "position": pos, "held": [list(k) for k in batcher.held()],
-                     **counts, "keys": [ids.pop(k) for k, _ in batch]}
-            yield collate([s for _, s in batch]), state
+        yield from _emit(ready, batcher, collate, ids, {"worker": worker, "epoch": epoch, "position": pos}, counts)
+
+
+def _emit(ready: list, batcher, collate, ids: dict, where: dict, counts: dict) -> Iterator[tuple[Any, dict]]:
+    """Collate the batches one `add` completed, each with the state a checkpoint after it needs."""
+    for i, batch in enumerate(ready):
+        pending = [[list(k) for k, _ in b] for b in ready[i + 1:]]
+        state = {**where, "held": [list(k) for k in batcher.held()], "pending": pending, **counts,
+                 "keys": [ids.pop(k) for k, _ in batch]}
+        yield collate([s for _, s in batch]), state
 
 
 # ---------------------------------------------------------------- the dataset
@@ -291,7 +307,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     Yields (batch, state). Pass the states to `LoaderPosition.update` in the training loop;
     `LoaderPosition.state_dict()` goes into the checkpoint and `resume_from` comes back from it.
     `batcher` is a prototype (FixedBatcher, BucketBatcher, TokenPacker, or any object following
-    mm/batching.py's protocol and resume rule); each worker starts from an empty copy of it.
+    mm/batching.py's protocol and resume rule); each worker starts from a copy of it, as given (empty).
     """
     sources: list[Source]
     decode: Callable[[dict], Any]
@@ -325,11 +341,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         start = (self.resume_from or {}).get("workers", {}).get(worker, {})
         counts = {k: start.get(k, 0) for k in COUNTS}
         last = (start.get("epoch", 0), start.get("position", 0))
-        held = {tuple(k) for k in start.get("held", [])}
+        held = {tuple(k) for k in start.get("held", [])} | {tuple(k) for b in start.get("pending", []) for k in b}
         raw = self._raw_stream(worker, min([last[0], *(e for e, _ in held)]), counts)
         slot = self.rank * max(1, self.num_workers) + worker
         decoded = decode_samples(skip_trained(raw, last, held), self.decode, counts, seed=f"{self.seed}-{slot}")
-        return batch_samples(decoded, replace(self.batcher), self.collate, worker, counts)
+        return batch_samples(decoded, copy.deepcopy(self.batcher), self.collate, worker, counts, start)
 
     def _raw_stream(self, worker: int, epoch: int, counts: dict) -> Iterator[tuple[int, int, dict]]:
         slot = self.rank * max(1, self.num_workers) + worker
@@ -343,8 +359,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if per_worker is not None and pos >= per_worker:
                     break
             if pos == 0:
-                raise RuntimeError(f"worker {worker} of rank {self.rank} read no samples in epoch {epoch}: "
-                                   f"every shard failed ({counts['bad_shards']} bad shards); see the warnings above")
+                raise RuntimeError(f"worker {worker} of rank {self.rank} read no samples in epoch {epoch}: every shard "
+                                   f"failed ({counts['bad_shards']} bad shards; see the warnings above), or its "
+                                   f"manifests have fewer lines than there are ranks x workers")
             epoch += 1
 
     def __iter__(self):
@@ -400,9 +417,12 @@ def make_loader(dataset: ShardStream, num_workers: int, position: LoaderPosition
     """A DataLoader over `dataset` that continues exactly where `position` stands."""
     dataset.resume_from = position.state_dict()
     dataset.worker_offset = position.worker_offset
+    # its own generator: DataLoader draws a base seed when iterated, which must not move the global RNG
+    # (restored on resume); our stages seed themselves per sample and need no DataLoader seed
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None, pin_memory=torch.cuda.is_available())
+        prefetch_factor=4 if num_workers > 0 else None, pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator())
 
 
 def iterate_eval_batches(spec: str, decode: Callable[[dict], Any], collate: Callable[[list], Any],

@@ -17,7 +17,8 @@ file. Files are read with weights_only=True (mm/checkpoint.py): nothing from out
 from __future__ import annotations
 
 import logging
-import tempfile
+import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,13 +62,24 @@ def save_train_state(ckpt_dir: str | Path, step: int, *, model: torch.nn.Module,
     if is_sharded(model):
         path = _save_sharded(Path(ckpt_dir), step, model, optimizer, meta if rank == 0 else None, keep)
     else:
-        path = None
-        if rank == 0:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **meta}
-            path = ckpt.save_checkpoint(ckpt_dir, step, state, keep)
-        path = broadcast_from_main(path)
-    barrier()
+        path = _on_main(lambda: ckpt.save_checkpoint(
+            ckpt_dir, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **meta}, keep))
     return Path(path)
+
+
+def _on_main(work):
+    """Run `work` on rank 0 and hand its result, or its error, to every rank: a full disk on rank 0 must
+    stop all ranks at once, not leave the others waiting at the next collective until it times out."""
+    result = None
+    if world()[0] == 0:
+        try:
+            result = work()
+        except Exception as e:  # noqa: BLE001 - raised again below, on every rank
+            result = e
+    result = broadcast_from_main(result)
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def _save_sharded(ckpt_dir: Path, step: int, model, optimizer, meta: dict | None, keep: int) -> Path:
@@ -83,12 +95,16 @@ def _save_sharded(ckpt_dir: Path, step: int, model, optimizer, meta: dict | None
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))  # fsyncs its files
     barrier()
-    if meta is not None:
+
+    def finish():
         ckpt.atomic_write(tmp / ckpt.SHARDED_STATE, lambda f: torch.save(meta, f))
+        if final.exists():  # this step written before and set aside as unusable, or a crash after the rename
+            shutil.rmtree(final)
         tmp.rename(final)
         ckpt.fsync_dir(ckpt_dir)
         ckpt.prune_checkpoints(ckpt_dir, keep)
-    return final
+        return final
+    return _on_main(finish)
 
 
 # ---------------------------------------------------------------- resume
@@ -120,12 +136,15 @@ def resume_train_state(resume: str | None, ckpt_dir: str | Path, *, model: torch
         raise ResumeError(f"{path} was written with another data setup: {'; '.join(changed)}. Resuming would train "
                           f"on other samples than the interrupted run. Start a new run (another out_dir), or pass "
                           f"--resume_ignore_data=true to keep the weights, optimizer and schedule and start the data afresh.")
+    fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    fresh_schedule = scheduler.state_dict()
     if path.is_dir():
         _load_sharded(path, model, optimizer)
     else:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    keep_current_hyperparameters(optimizer, scheduler, fresh_groups, fresh_schedule)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     step = state["step"]
@@ -138,6 +157,27 @@ def resume_train_state(resume: str | None, ckpt_dir: str | Path, *, model: torch
     data_seed = state["data_seed"] if keep_data else int(data_setup.get("seed", 0)) + step
     log.info("resumed from %s at step %d", path, step)
     return Resumed(step, path, state["data"][rank] if keep_data else None, data_seed, state.get("extra", {}))
+
+
+def keep_current_hyperparameters(optimizer, scheduler, fresh_groups: list[dict], fresh_schedule: dict) -> None:
+    """After loading: the run's config, not the checkpoint's, decides weight decay, betas, the peak lr and
+    the schedule's shape (a resumed run with a longer --max_steps or another --lr gets them), with a warning
+    naming each change. The optimizer moments, the step count and the schedule's position stay restored."""
+    changed = []
+    for i, (group, fresh) in enumerate(zip(optimizer.param_groups, fresh_groups)):
+        for k, v in fresh.items():
+            if k not in ("lr", "initial_lr") and group.get(k) != v:
+                changed.append(f"param group {i} {k} {group.get(k)!r} -> {v!r}")
+                group[k] = v
+    saved = scheduler.state_dict()
+    for k in ("base_lrs", "lr_lambdas"):
+        if k in fresh_schedule and saved.get(k) != fresh_schedule[k]:
+            changed.append(f"schedule {k} {saved.get(k)!r} -> {fresh_schedule[k]!r}")
+    if any(c.startswith("schedule") for c in changed):
+        scheduler.load_state_dict({**saved, "base_lrs": fresh_schedule["base_lrs"],
+                                   "lr_lambdas": fresh_schedule["lr_lambdas"]})
+    if changed:
+        log.warning("resuming with this run's settings, not the checkpoint's: %s", "; ".join(changed))
 
 
 def _choose(resume: str | None, ckpt_dir: Path) -> str | Exception | None:
@@ -154,7 +194,7 @@ def _choose(resume: str | None, ckpt_dir: Path) -> str | Exception | None:
             if resume:
                 log.info("--resume=%s: no checkpoint in %s yet, starting afresh", resume, ckpt_dir)
             return None
-        path, _ = ckpt.load_newest(candidates)
+        path, _ = ckpt.load_newest(candidates, set_aside=resume == "latest")
         return str(path)
     except (ckpt.CheckpointError, FileNotFoundError) as e:
         return ResumeError(str(e))
@@ -172,7 +212,8 @@ def _load_sharded(path: Path, model, optimizer) -> None:
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))  # each rank reads the shards it holds
+    reader, planner = ckpt.safe_dcp_reader_and_planner(path)
+    dcp.load(state, storage_reader=reader, planner=planner)  # each rank reads the shards it holds
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -196,9 +237,15 @@ def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]
         if "model" not in state:
             raise ckpt.CheckpointError(f"{path}: no model weights in it (keys: {sorted(state)[:10]})")
         return state.pop("model"), state
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(str(path), f"{tmp}/full.pt")  # gathers every shard into one file
-        full = ckpt.load_checkpoint(f"{tmp}/full.pt")
-    return full["model"], state
+    index = ckpt.read_sharded_metadata(path)  # the shapes and dtypes of every tensor, read safely
+    weights = {k[len("model."):]: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+               for k, m in index.state_dict_metadata.items()
+               if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    reader, planner = ckpt.safe_dcp_reader_and_planner(path)
+    with warnings.catch_warnings():  # "no process group: loading in a single process" is what we want here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": weights}, storage_reader=reader, planner=planner)
+    return weights, state

@@ -125,9 +125,52 @@ def test_a_batcher_that_breaks_the_rule_fails_loudly_on_resume(tmp_path):
     for _ in range(2):
         position.update(next(loader)[1])
     assert position.state_dict()["workers"][0]["held"] == [[0, 4], [0, 5]]  # positions count from 1
-    with pytest.raises(BatcherNotResumable, match="RampBatcher emitted a batch while its held samples were replayed"):
+    with pytest.raises(BatcherNotResumable, match="RampBatcher emitted 1 batches while the samples it held were replayed on resume, where the checkpoint says 0"):
         next(iter(make_loader(stream(), 0, LoaderPosition(0, position.state_dict()))))
 
 
 def decode_cls(sample):
     return int(sample["cls"])
+
+
+def decode_len(sample):
+    return int(sample["cls"]), int(sample["len"])
+
+
+def second(item):
+    return item[1]
+
+
+def collate_cls(items):
+    return torch.tensor([c for c, _ in items])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_checkpoint_between_two_batches_of_one_sample_loses_nothing(tmp_path, num_workers):
+    """Lengths 5, 10, 5, 10, ... into packs of 10 with one open pack: every 10 closes the open pack AND fills one
+    of its own, two batches from one sample. Cut after every batch: the resumed stream gives the same batches."""
+    for part in range(2):
+        write_tar(tmp_path / f"p{part}.tar", [{"__key__": f"{i:03d}", "cls": str(i), "len": str(5 if i % 2 == 0 else 10)}
+                                             for i in range(part * 20, part * 20 + 20)])
+
+    def stream():
+        return ShardStream([Source([str(tmp_path / "p0.tar"), str(tmp_path / "p1.tar")])], decode_len, collate_cls,
+                           TokenPacker(second, max_tokens=10, open_packs=1), num_workers=num_workers,
+                           shuffle_buffer=0)
+
+    def take(position, n):
+        loader = iter(make_loader(stream(), num_workers, position))
+        out = []
+        for _ in range(n):
+            batch, state = next(loader)
+            position.update(state)
+            out.append(batch.tolist())
+        return out
+    full = take(LoaderPosition(num_workers), 30)
+    pending_seen = False
+    for cut in range(1, 12):
+        first = LoaderPosition(num_workers)
+        part = take(first, cut)
+        pending_seen |= any(w["pending"] for w in first.state_dict()["workers"].values())
+        assert part + take(LoaderPosition(num_workers, first.state_dict()), 30 - cut) == full, f"cut after {cut}"
+    assert pending_seen, "no cut fell between two batches of one sample"

@@ -110,3 +110,47 @@ def test_safetensors_export_round_trip(tmp_path):
     sd, meta = ckpt.read_safetensors(tmp_path / "w.safetensors")
     assert meta == {"dims": {"in": 3, "out": 2}}
     torch.testing.assert_close(sd["weight"], lin.weight.detach())
+
+
+def _sharded_checkpoint(tmp_path):
+    """A real torch.distributed.checkpoint folder (one process) with our train_state.pt beside."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    path = tmp_path / "step_00000001"
+    model = torch.nn.Linear(3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "no process group: saving in one process"
+        dcp.save({"model": model.state_dict()}, checkpoint_id=str(path))
+    torch.save({"step": 1, "extra": {}}, path / ckpt.SHARDED_STATE)
+    return path, model
+
+
+def test_a_sharded_checkpoint_is_read_without_trusting_its_pickles(tmp_path):
+    """DCP reads .metadata with plain pickle and its byte entries with weights_only=False; we do neither."""
+    import io
+    import pickle
+    from types import SimpleNamespace
+
+    from mm.train_state import load_model_weights
+
+    path, model = _sharded_checkpoint(tmp_path)
+    weights, rest = load_model_weights(path)  # the honest folder loads, whole, in one process
+    torch.testing.assert_close(weights["weight"], model.weight.detach())
+    assert rest["step"] == 1
+
+    marker = tmp_path / "pwned"
+    (path / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(ckpt.CheckpointError, match=r"refused: its .metadata .*could run code"):
+        load_model_weights(path)
+    with pytest.raises(ckpt.CheckpointError, match="refused"):
+        ckpt.load_newest([path])
+    buf = io.BytesIO()
+    torch.save({"param_groups": Payload(marker)}, buf)
+    buf.seek(0)
+    _, planner = ckpt.safe_dcp_reader_and_planner(path)
+    planner.flatten_state_dict, planner.state_dict = False, {}
+    with pytest.raises(pickle.UnpicklingError):
+        planner.load_bytes(SimpleNamespace(dest_index=SimpleNamespace(fqn="optimizer")), buf)
+    assert not marker.exists()

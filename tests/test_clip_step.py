@@ -46,3 +46,15 @@ def test_plain_accumulation_would_differ():
         contrastive_backward(model, [(images[i:i + B], texts[i:i + B])], "clip", make_precision("fp32", "cpu"))
     plain = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert not torch.allclose(plain["visual.proj"] / 4, big["visual.proj"], rtol=1e-3, atol=1e-5)
+
+
+def test_batchnorm_running_stats_move_once_per_micro_batch():
+    """The cached pass of accumulation must not update BatchNorm's running statistics a second time."""
+    torch.manual_seed(0)
+    model = create_clip("mm-tiny-rn-32").model
+    bn = model.visual.bn1
+    images, texts = batch(4 * B)
+    images = torch.nn.functional.interpolate(images, size=32)
+    micro = [(images[i:i + B], texts[i:i + B]) for i in range(0, 4 * B, B)]
+    contrastive_backward(model, micro, "clip", make_precision("fp32", "cpu"))
+    assert int(bn.num_batches_tracked) == 4

@@ -105,8 +105,27 @@ def test_resume_skips_a_truncated_newest_checkpoint_and_cleans_orphans(tmp_path,
     resumed = resume_train_state("latest", tmp_path, model=model, optimizer=opt, scheduler=sched, data_setup=SETUP)
     assert resumed.step == 1 and "skipping checkpoint" in caplog.text and "step_00000002.pt" in caplog.text
     assert not (tmp_path / ".step_00000003.pt.x.tmp").exists()
+    set_aside = tmp_path / "step_00000002.pt.unusable"  # no longer a checkpoint: not kept, its step writable again
+    assert set_aside.exists() and [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
     with pytest.raises(ResumeError, match="truncated or corrupt"):  # an explicit file is used or refused as it is
-        resume_train_state(str(newest), tmp_path, model=model, optimizer=opt, scheduler=sched, data_setup=SETUP)
+        resume_train_state(str(set_aside), tmp_path, model=model, optimizer=opt, scheduler=sched, data_setup=SETUP)
+    assert set_aside.exists()
+
+
+def test_the_current_config_decides_hyperparameters_on_resume(tmp_path, caplog):
+    """A resumed run with a longer schedule and another lr and weight decay gets them (with a warning);
+    the optimizer's moments and the schedule's position come from the checkpoint."""
+    model, opt, sched = make_parts()
+    train_steps(model, opt, sched, 3)
+    save(tmp_path, 3, model, opt, sched)
+    model2, _, _ = make_parts()
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=0.05, weight_decay=0.3)
+    sched2 = warmup_cosine(opt2, 2, 40)
+    resume_train_state("latest", tmp_path, model=model2, optimizer=opt2, scheduler=sched2, data_setup=SETUP)
+    assert opt2.param_groups[0]["weight_decay"] == 0.3 and sched2.base_lrs == [0.05]
+    assert sched2.lr_lambdas[0].total == 40 and sched2.last_epoch == 3
+    assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+    assert "weight_decay 0.01 -> 0.3" in caplog.text and "schedule" in caplog.text
 
 
 def test_a_crafted_checkpoint_is_refused_by_resume_and_runs_nothing(tmp_path):

@@ -4,7 +4,9 @@
 (mean of the template embeddings, as in Radford et al. 2021); classification is then a matmul.
 `evaluate_clip` is sharded across ranks when run distributed (every rank must call it): each encodes
 its share of the images, counts are summed and retrieval features gathered, so a long evaluation
-never leaves the other ranks waiting at a collective until it times out.
+never leaves the other ranks waiting at a collective until it times out. (For a model replicated on
+every rank, as under DDP; an FSDP-sharded one would also need equal batch counts on every rank, since
+each of its forwards is a collective.)
 """
 from __future__ import annotations
 

@@ -10,9 +10,11 @@ then exactly those of one batch of 4B, at the activation memory of B, for a seco
 
 One detail open_clip gets wrong: the logit scale (and SigLIP's bias) enters each of the N losses, so its
 gradient would be summed N times; here it carries gradient in one pass only, the last (the one whose
-backward DDP synchronises, which needs every parameter used). Towers with batch
-statistics (BatchNorm) see each micro-batch on its own and so are not exactly equal; dropout must draw
-the same masks in both passes to be exact (the default towers use none).
+backward DDP synchronises, which needs every parameter used). Exact for towers without batch statistics
+(ViTs: tested). A BatchNorm tower (the ResNets) normalises each micro-batch with its own statistics, so
+there it is close, not equal; its running statistics are updated once per micro-batch, as without
+accumulation (the cached pass leaves them as it found them). Dropout would have to draw the same masks in
+both passes to be exact (the default towers use none).
 """
 from __future__ import annotations
 
@@ -41,8 +43,11 @@ def contrastive_backward(model: torch.nn.Module, micro_batches: list[tuple[torch
         loss = contrastive_loss(kind, out["image_features"].float(), out["text_features"].float(), out)
         precision.backward(loss)
         return loss.detach(), out
+    buffers = [(b, b.clone()) for b in model.buffers() if b.is_floating_point() or b.dtype == torch.long]
     with torch.no_grad(), precision.autocast():
         cached = [model(images, texts) for images, texts in micro_batches]
+        for b, saved in buffers:  # BatchNorm running stats: the passes with gradient update them, once each
+            b.copy_(saved)
     images_f = [o["image_features"].float() for o in cached]
     texts_f = [o["text_features"].float() for o in cached]
     last = len(micro_batches) - 1

@@ -27,15 +27,7 @@ def parse_labels(text: str | Iterable[str]) -> list[str]:
     """
     if isinstance(text, str):
         stripped = text.strip()
-        if stripped.startswith("["):
-            try:
-                items = json.loads(stripped)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"labels look like a JSON list but do not parse: {e}") from None
-            if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
-                raise ValueError("labels as JSON must be a list of strings")
-        else:
-            items = stripped.replace("\n", ",").split(",")
+        items = json_strings(stripped, "labels") if stripped.startswith("[") else stripped.replace("\n", ",").split(",")
     else:
         items = list(text)
     labels = [x.strip() for x in items if isinstance(x, str) and x.strip()]
@@ -60,16 +52,19 @@ def parse_templates(text: str) -> list[str]:
     stripped and blank lines dropped; `check_templates` says whether what is left is usable.
     """
     stripped = text.strip()
-    if stripped.startswith("["):
-        try:
-            items = json.loads(stripped)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"templates look like a JSON list but do not parse: {e}") from None
-        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
-            raise ValueError("templates as JSON must be a list of strings")
-    else:
-        items = stripped.splitlines()
+    items = json_strings(stripped, "templates") if stripped.startswith("[") else stripped.splitlines()
     return [x.strip() for x in items if x.strip()]
+
+
+def json_strings(text: str, what: str) -> list[str]:
+    """A JSON list of strings, or a ValueError saying what `what` (labels, templates) should look like."""
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} look like a JSON list but do not parse: {e}") from None
+    if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+        raise ValueError(f"{what} as JSON must be a list of strings")
+    return items
 
 
 def check_templates(templates: Sequence[str], labels: Sequence[str] = ()) -> None:

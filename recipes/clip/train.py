@@ -148,7 +148,11 @@ def main(argv: list[str]) -> dict:
     precision = make_precision(cfg.precision, d.device)
 
     # --- resume (or not): every piece of train state comes back, or a clear error says why it cannot
-    data_setup = {"train_data": cfg.train_data, "seed": cfg.seed, "num_workers": cfg.num_workers}
+    # everything that decides which samples come next (batch size may change: a FixedBatcher holds nothing)
+    data_setup = {k: getattr(cfg, k) for k in ("train_data", "train_weights", "seed", "num_workers", "resampled",
+                                               "epoch_samples", "shuffle_buffer")}
+    if cfg.train_data.startswith(SYNTH_DIR):
+        data_setup["synthetic_train"] = cfg.synthetic_train
     try:
         resumed = resume_train_state(cfg.resume, ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                                      data_setup=data_setup, ignore_data=cfg.resume_ignore_data, scaler=precision.scaler)
