@@ -60,3 +60,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def take_batches(dataset, position, n_batches: int, num_workers: int) -> list:
+    """n batches (as lists) from a fresh DataLoader over a ShardStream at `position` (updated); the loader,
+    with its workers and their prefetched batches, is thrown away afterwards, as a killed run's is."""
+    from mm.shards import make_loader
+
+    loader = iter(make_loader(dataset, num_workers, position))
+    out = []
+    for _ in range(n_batches):
+        batch, state = next(loader)
+        position.update(state)
+        out.append(batch.tolist())
+    return out

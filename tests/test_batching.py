@@ -9,7 +9,7 @@ import torch
 from mm.batching import (BatcherNotResumable, BucketBatcher, FixedBatcher, SampleTooLong, TokenPacker,
                          check_replay, estimate_bucket_bounds)
 from mm.shards import LoaderPosition, ShardStream, Source, make_loader
-from tests.helpers import write_tar
+from tests.helpers import take_batches, write_tar
 
 
 def lengths(seed=0, n=400, lo=1, hi=30):
@@ -159,13 +159,7 @@ def test_a_checkpoint_between_two_batches_of_one_sample_loses_nothing(tmp_path, 
                            shuffle_buffer=0)
 
     def take(position, n):
-        loader = iter(make_loader(stream(), num_workers, position))
-        out = []
-        for _ in range(n):
-            batch, state = next(loader)
-            position.update(state)
-            out.append(batch.tolist())
-        return out
+        return take_batches(stream(), position, n, num_workers)
     full = take(LoaderPosition(num_workers), 30)
     pending_seen = False
     for cut in range(1, 12):

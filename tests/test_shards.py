@@ -10,7 +10,7 @@ import torch
 from mm.batching import BucketBatcher, FixedBatcher, TokenPacker
 from mm.shards import (LoaderPosition, ShardSpecError, ShardStream, expand_shard_spec, iterate_eval_batches,
                        list_epoch_units, make_loader, read_samples)
-from tests.helpers import png_bytes, write_tar
+from tests.helpers import png_bytes, take_batches, write_tar
 
 N_SHARDS, PER_SHARD, CORRUPT = 4, 10, 13
 
@@ -145,16 +145,7 @@ def make_stream(kind, root, make_batcher, num_workers, seed=7):
                        shuffle_buffer=8)
 
 
-def take(ds, position, n_batches, num_workers):
-    """n batches from a fresh DataLoader at `position` (updated); the loader, with its workers and their
-    prefetched batches, is thrown away afterwards, as a killed run's is."""
-    loader = iter(make_loader(ds, num_workers, position))
-    out = []
-    for _ in range(n_batches):
-        batch, state = next(loader)
-        position.update(state)
-        out.append(batch.tolist())
-    return out
+take = take_batches
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
