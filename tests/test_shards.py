@@ -145,9 +145,6 @@ def make_stream(kind, root, make_batcher, num_workers, seed=7):
                        shuffle_buffer=8)
 
 
-take = take_batches
-
-
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("batcher", list(BATCHERS))
 @pytest.mark.parametrize("kind", ["tar", "jsonl"])
@@ -160,16 +157,16 @@ def test_killed_and_resumed_stream_gives_exactly_the_uninterrupted_samples(shard
     make_batcher = BATCHERS[batcher]
     n = 60
     full_position = LoaderPosition(num_workers)
-    full = take(make_stream(kind, root, make_batcher, num_workers), full_position, n, num_workers)
-    assert take(make_stream(kind, root, make_batcher, num_workers), LoaderPosition(num_workers), n, num_workers) == full
+    full = take_batches(make_stream(kind, root, make_batcher, num_workers), full_position, n, num_workers)
+    assert take_batches(make_stream(kind, root, make_batcher, num_workers), LoaderPosition(num_workers), n, num_workers) == full
     held_at_cuts = 0
     for cut in (3, 7, 16):
         first = LoaderPosition(num_workers)
-        part = take(make_stream(kind, root, make_batcher, num_workers), first, cut, num_workers)
+        part = take_batches(make_stream(kind, root, make_batcher, num_workers), first, cut, num_workers)
         state = json.loads(json.dumps(first.state_dict()))  # survives serialisation, as in a checkpoint
         held_at_cuts += sum(len(w["held"]) for w in state["workers"].values())
         resumed = LoaderPosition(num_workers, state)
-        rest = take(make_stream(kind, root, make_batcher, num_workers), resumed, n - cut, num_workers)
+        rest = take_batches(make_stream(kind, root, make_batcher, num_workers), resumed, n - cut, num_workers)
         assert part + rest == full, f"cut at {cut}"
         assert resumed.state_dict() == full_position.state_dict()  # positions, held keys and counts too
     if batcher != "fixed":  # a fixed batcher holds nothing once it has emitted
