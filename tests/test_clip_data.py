@@ -6,7 +6,6 @@ import pytest
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as F
-from PIL import Image
 
 from mm.clip.data import UInt8Crop, as_float, split_train_transform
 from mm.clip.model import create_clip

@@ -1,5 +1,4 @@
 """Contrastive losses: 2 processes (gloo) give the same loss and gradients as 1 with the same global batch."""
-import os
 
 import pytest
 import torch
