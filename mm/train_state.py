@@ -122,14 +122,14 @@ def resume_train_state(resume: str | None, ckpt_dir: str | Path, *, model: torch
     """
     rank, world_size = world()
     ckpt_dir = Path(ckpt_dir)
-    choice = _choose(resume, ckpt_dir) if rank == 0 else None
-    choice = broadcast_from_main(choice)
+    choice, state = _choose(resume, ckpt_dir) if rank == 0 else (None, None)
+    choice = broadcast_from_main(choice)  # the path only: rank 0 keeps the contents it read to choose
     if isinstance(choice, Exception):
         raise choice
     if choice is None:
         return None
     path = Path(choice)
-    state = ckpt.load_checkpoint(path)  # rank 0 read it already to check that it loads; cheap beside training
+    state = state if state is not None else ckpt.load_checkpoint(path)
     changed = setup_changes(state["data_setup"], {**data_setup, "world_size": world_size})
     if changed and not ignore_data:
         raise ResumeError(f"{path} was written with another data setup: {'; '.join(changed)}. Resuming would train "
@@ -179,24 +179,24 @@ def keep_current_hyperparameters(optimizer, scheduler, fresh_groups: list[dict],
         log.warning("resuming with this run's settings, not the checkpoint's: %s", "; ".join(changed))
 
 
-def _choose(resume: str | None, ckpt_dir: Path) -> str | Exception | None:
-    """Rank 0's decision: the path to resume (its newest checkpoint that loads), None, or the error to raise
-    on every rank. An explicit file is used or refused as it is; "latest" or a folder falls back to an older
+def _choose(resume: str | None, ckpt_dir: Path) -> tuple[str | Exception | None, dict | None]:
+    """Rank 0's decision: (the path to resume, its newest checkpoint that loads, and what it holds), (None,
+    None), or (the error to raise on every rank, None). An explicit file is used or refused as it is; "latest" or a folder falls back to an older
     checkpoint when the newest does not load (a kill mid-copy, a full disk), with a warning naming it."""
     try:
         ckpt.remove_orphans(ckpt_dir)
         candidates = ckpt.resume_candidates(resume, ckpt_dir)
         if not resume and ckpt.list_checkpoints(ckpt_dir):
             return ResumeError(f"{ckpt_dir} already holds checkpoints. Continue that run with --resume=latest, "
-                               f"or start afresh with another out_dir.")
+                               f"or start afresh with another out_dir."), None
         if not candidates:
             if resume:
                 log.info("--resume=%s: no checkpoint in %s yet, starting afresh", resume, ckpt_dir)
-            return None
-        path, _ = ckpt.load_newest(candidates, set_aside=resume == "latest")
-        return str(path)
+            return None, None
+        path, state = ckpt.load_newest(candidates, set_aside=resume == "latest")
+        return str(path), state
     except (ckpt.CheckpointError, FileNotFoundError) as e:
-        return ResumeError(str(e))
+        return ResumeError(str(e)), None
 
 
 def setup_changes(saved: dict, now: dict) -> list[str]:
