@@ -46,7 +46,8 @@ class SampleTooLong(ValueError):
 
 
 class BatcherNotResumable(RuntimeError):
-    """A batcher broke the resume rule: replaying its held samples emitted a batch or held other samples."""
+    """A batcher broke the resume rule: replaying its held and pending samples gave other batches than the
+    pending ones, or left it holding other samples."""
 
 
 @dataclass
@@ -89,31 +90,34 @@ class BucketBatcher:
     bounds: list[float]
     max_held: int = 10_000
     _buckets: list[list] = field(default_factory=list, init=False, repr=False)
+    _longest: list[float] = field(default_factory=list, init=False, repr=False)  # per bucket, of what it holds
     _n_held: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self):
         if sorted(self.bounds) != list(self.bounds):
             raise ValueError(f"bucket bounds must be ascending, got {self.bounds}")
         self._buckets = [[] for _ in range(len(self.bounds) + 1)]
+        self._longest = [0.0] * len(self._buckets)
 
     def add(self, key: Key, sample: Any) -> list[list[Item]]:
         n = self.length(sample)
         if n > self.max_total:
             raise SampleTooLong(f"length {n:g} is over the batch limit max_total={self.max_total:g}")
-        bucket = self._buckets[bisect.bisect_left(self.bounds, n)]
-        out = []
-        longest = max([n, *(self.length(s) for _, s in bucket)])
-        if bucket and longest * (len(bucket) + 1) > self.max_total:
-            out.append(self._take(bucket))
+        b = bisect.bisect_left(self.bounds, n)
+        bucket, out = self._buckets[b], []
+        if bucket and max(self._longest[b], n) * (len(bucket) + 1) > self.max_total:
+            out.append(self._take(b))
         bucket.append((key, sample))
+        self._longest[b] = max(self._longest[b], n)
         self._n_held += 1
         if self._n_held > self.max_held:
-            out.append(self._take(max(self._buckets, key=len)))
+            out.append(self._take(max(range(len(self._buckets)), key=lambda i: len(self._buckets[i]))))
         return out
 
-    def _take(self, bucket: list) -> list[Item]:
-        batch = list(bucket)
-        bucket.clear()
+    def _take(self, b: int) -> list[Item]:
+        batch = list(self._buckets[b])
+        self._buckets[b].clear()
+        self._longest[b] = 0.0
         self._n_held -= len(batch)
         return batch
 
