@@ -128,7 +128,9 @@ DEFAULT_MAX_AUDIO_BYTES = 128 * 2**20
 def audio_decoder(sample_rate: int = SAMPLE_RATE, max_seconds: float | None = 30.0, min_seconds: float = 0.0,
                   max_bytes: int = DEFAULT_MAX_AUDIO_BYTES):
     """decode(sample) -> {"audio": float32 [T] mono at sample_rate Hz, "duration": T / sample_rate seconds,
-    "text": transcript (stripped, never empty), "language": str or None}.
+    "text": transcript (stripped, never empty), "language": str or None, ["segments"]}.
+    "segments" comes from the json when it has them: [{"start", "end" (seconds), "text"}], checked to be
+    ordered and inside the audio.
 
     A tar sample carries the audio as a field (any of AUDIO_KEYS), the transcript as a field (TEXT_KEYS)
     or as "text" in its json, the language as "language"/"lang" in its json or as a field. A manifest
@@ -156,7 +158,31 @@ def _decode_audio(sample: dict, sample_rate: int, max_seconds: float | None, min
     duration = len(audio) / sample_rate
     if duration < min_seconds:
         raise ValueError(f"{name}: {duration:.2f} s is shorter than the minimum of {min_seconds:g} s")
-    return {"audio": torch.from_numpy(audio), "duration": duration, "text": text, "language": language}
+    out = {"audio": torch.from_numpy(audio), "duration": duration, "text": text, "language": language}
+    if meta.get("segments") is not None:
+        out["segments"] = _segments(meta["segments"], duration, name)
+    return out
+
+
+def _segments(segments, duration: float, name: str) -> list[dict]:
+    """Timed phrases from the json: [{"start", "end" (seconds), "text"}], ordered, inside the audio."""
+    if not isinstance(segments, list) or not segments:
+        raise ValueError(f"{name}: \"segments\" must be a non-empty list of {{start, end, text}}")
+    out, last_end = [], 0.0
+    for i, seg in enumerate(segments):
+        if not isinstance(seg, dict) or not {"start", "end", "text"} <= seg.keys():
+            raise ValueError(f"{name}: segment {i} needs start, end and text, got {seg!r}")
+        start, end, text = seg["start"], seg["end"], seg["text"]
+        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in (start, end)) \
+                or not isinstance(text, str):
+            raise ValueError(f"{name}: segment {i} has non-numeric times or non-string text: {seg!r}")
+        # 20 ms of slack: times are rounded to Whisper's 0.02 s timestamp steps
+        if not last_end - 0.02 <= start < end <= duration + 0.02:
+            raise ValueError(f"{name}: segment {i} ({start}-{end} s) is out of order or outside the "
+                             f"{duration:.2f} s of audio")
+        out.append({"start": float(start), "end": float(min(end, duration)), "text": text.strip()})
+        last_end = end
+    return out
 
 
 def _transcript(sample: dict, meta: dict) -> str:

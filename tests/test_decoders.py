@@ -100,6 +100,26 @@ def test_audio_decoder_finds_transcript_and_language_in_fields_or_json(fields, t
     assert (out["text"], out["language"]) == (text, language)
 
 
+def test_audio_decoder_passes_checked_segments():
+    segs = [{"start": 0.0, "end": 0.4, "text": " one"}, {"start": 0.5, "end": 1.0, "text": "two "}]
+    out = audio_decoder()(tar_sample(flac=wav(1.0), json={"text": "one two", "segments": segs}))
+    assert out["segments"] == [{"start": 0.0, "end": 0.4, "text": "one"}, {"start": 0.5, "end": 1.0, "text": "two"}]
+    assert "segments" not in audio_decoder()(tar_sample(flac=wav(1.0), json={"text": "x"}))
+
+
+@pytest.mark.parametrize("segments, match", [
+    ([], "non-empty list"),
+    ([{"start": 0.0, "end": 0.5}], "needs start, end and text"),
+    ([{"start": "0", "end": 0.5, "text": "a"}], "non-numeric"),
+    ([{"start": 0.5, "end": 0.4, "text": "a"}], "out of order"),
+    ([{"start": 0.0, "end": 0.6, "text": "a"}, {"start": 0.3, "end": 0.9, "text": "b"}], "out of order"),
+    ([{"start": 0.0, "end": 1.5, "text": "a"}], "outside"),
+])
+def test_audio_decoder_refuses_bad_segments(segments, match):
+    with pytest.raises(ValueError, match=match):
+        audio_decoder()(tar_sample(flac=wav(1.0), json={"text": "a", "segments": segments}))
+
+
 def test_audio_decoder_on_manifest_lines(clips):
     decode = audio_decoder()
     out = decode(manifest_sample(clips, {"audio": "clips/one.wav", "text": "one", "language": "en"}))
