@@ -229,3 +229,25 @@ def copy_tokenizer_files(tokenizer_dir: str | Path, out_dir: str | Path) -> list
     if not found:
         raise FileNotFoundError(f"tokenizer_dir={src}: none of the tokenizer files {', '.join(TOKENIZER_FILES)}")
     return [atomic_write(Path(out_dir) / f.name, lambda tmp, f=f: shutil.copyfile(f, tmp)) for f in found]
+
+
+def load_checkpoint_tokenizer(path: str | Path):
+    """The tokenizer that goes with a Whisper checkpoint: a Hugging Face folder's own files; for an OpenAI .pt
+    file (which carries none), OpenAI's vocabulary from openai-whisper's bundled tiktoken file (the optional
+    `whisper` extra: pip install 'mm[whisper]'), with as many languages as the model's n_vocab implies."""
+    from mm.asr.tokenizer import load_tokenizer, tokenizer_from_tiktoken
+    path = Path(path)
+    if path.is_dir():
+        return load_tokenizer(path)
+    dims = ModelDimensions(**{k: int(v) for k, v in load_checkpoint(path)["dims"].items()})
+    try:
+        import whisper
+    except ImportError:
+        raise ImportError(f"{path} is an OpenAI checkpoint without a tokenizer; its vocabulary comes from the "
+                          "openai-whisper package: pip install 'mm[whisper]'") from None
+    multilingual = dims.n_vocab >= 51865
+    assets = Path(whisper.__file__).parent / "assets"
+    ranks = assets / ("multilingual.tiktoken" if multilingual else "gpt2.tiktoken")
+    n_ranks = sum(1 for line in open(ranks, encoding="ascii") if line.strip())
+    num_languages = dims.n_vocab - n_ranks - 1509 if multilingual else 0  # 1509 = the other specials + timestamps
+    return tokenizer_from_tiktoken(ranks, num_languages)

@@ -28,13 +28,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere, without installing
 
-from mm.asr.convert import export_hf, export_openai, load_whisper  # noqa: E402
+from mm.asr.convert import export_hf, export_openai, load_checkpoint_tokenizer, load_whisper  # noqa: E402
 from mm.asr.data import asr_collate, asr_decoder, mel_seconds, read_transcripts  # noqa: E402
 from mm.asr.evaluate import evaluate_asr  # noqa: E402
 from mm.asr.losses import ctc_loss, label_smoothed_ce  # noqa: E402
 from mm.asr.metrics import format_scores  # noqa: E402
 from mm.asr.model import SIZES, Whisper, dims_for  # noqa: E402
-from mm.asr.tokenizer import AsrTokenizer, load_tokenizer, tokenizer_for_checkpoint  # noqa: E402
+from mm.asr.tokenizer import AsrTokenizer, load_tokenizer, train_bpe  # noqa: E402
 from mm.batching import BucketBatcher  # noqa: E402
 from mm.config import ConfigError, parse_config, save_config  # noqa: E402
 from mm.distributed import all_reduce_mean, barrier, close_distributed, init_distributed, wrap_model  # noqa: E402
@@ -42,7 +42,7 @@ from mm.metrics import MetricsLogger, setup_logging  # noqa: E402
 from mm.optim import param_groups, warmup_cosine  # noqa: E402
 from mm.precision import check_finite, make_precision, optimizer_step  # noqa: E402
 from mm.shards import LoaderPosition, ShardStream, expand_shard_spec, make_loader  # noqa: E402
-from mm.train_state import ResumeError, full_state_dict, resume_train_state, save_train_state  # noqa: E402
+from mm.train_state import ResumeError, resume_train_state, save_train_state  # noqa: E402
 
 log = logging.getLogger("mm.asr")
 SYNTH_DIR = "data/asr_synth"
@@ -141,18 +141,19 @@ def ensure_builtin_data(cfg: ASRConfig, is_main: bool) -> None:
     barrier()
 
 
-def build_tokenizer(cfg: ASRConfig, sources, out_dir: Path, is_main: bool) -> AsrTokenizer:
-    """A checkpoint's own tokenizer; else the run's saved one (a resumed run); else a BPE trained now on
-    the training transcripts and saved in <out_dir>/tokenizer (Whisper's special tokens appended)."""
-    if cfg.init_from:
-        return tokenizer_for_checkpoint(cfg.init_from)
-    saved = out_dir / "tokenizer"
-    if is_main and not (saved / "vocab.json").exists():
-        texts = read_transcripts([u for s in sources for u in s.urls])
-        if not texts:
-            raise SystemExit(f"no transcripts found in {cfg.train_data}")
-        log.info("training a %d-token byte-level BPE on %d transcripts", cfg.bpe_vocab, len(texts))
-        AsrTokenizer.train_bpe(texts, cfg.bpe_vocab).save(saved)
+def build_tokenizer(cfg: ASRConfig, sources, saved: Path, is_main: bool) -> AsrTokenizer:
+    """A resumed run's saved tokenizer; else a checkpoint's own; else a BPE trained now on the training
+    transcripts (Whisper's special tokens appended). Saved in `saved`, which the export copies."""
+    if is_main and not (cfg.resume and (saved / "vocab.json").exists()):
+        if cfg.init_from:
+            tokenizer = load_checkpoint_tokenizer(cfg.init_from)
+        else:
+            texts = read_transcripts([u for s in sources for u in s.urls])
+            if not texts:
+                raise SystemExit(f"no transcripts found in {cfg.train_data}")
+            log.info("training a %d-token byte-level BPE on %d transcripts", cfg.bpe_vocab, len(texts))
+            tokenizer = train_bpe(texts, cfg.bpe_vocab)
+        tokenizer.save(saved)
     barrier()
     return load_tokenizer(saved)
 
@@ -178,11 +179,12 @@ def bucket_bounds(sources, decode, num_buckets: int, max_seconds: float) -> list
 def train_loss(model, batch: dict, cfg: ASRConfig, precision) -> tuple[torch.Tensor, dict]:
     """Label-smoothed cross-entropy on the decoder (+ ctc_weight x CTC on the encoder): (loss, parts)."""
     with precision.autocast():
-        logits, enc_logits, enc_mask = model(batch["mel"], batch["tokens"], batch["mel_lengths"], return_ctc=True)
-    ce = label_smoothed_ce(logits.float(), batch["labels"], cfg.label_smoothing)
+        out = model(batch["mel"], batch["tokens"], batch["mel_lengths"], return_encoder=True)
+    labels = batch["labels"]
+    ce = label_smoothed_ce(out.logits, labels.clamp(min=0), labels >= 0, cfg.label_smoothing)
     if not cfg.ctc_weight:
         return ce, {"ce": ce.detach()}
-    ctc = ctc_loss(enc_logits.float(), enc_mask, batch["ctc_targets"], batch["ctc_lengths"])
+    ctc = ctc_loss(out.ctc_logits, out.audio_mask, batch["ctc_targets"], batch["ctc_lengths"])
     return (1 - cfg.ctc_weight) * ce + cfg.ctc_weight * ctc, {"ce": ce.detach(), "ctc": ctc.detach()}
 
 
@@ -202,12 +204,16 @@ def main(argv: list[str]) -> dict:
     # --- data, tokenizer, model, optimizer, schedule, precision
     ensure_builtin_data(cfg, d.is_main)
     sources = expand_shard_spec(cfg.train_data, cfg.train_weights)  # fails now, naming the spec, if empty
-    tokenizer = build_tokenizer(cfg, sources, out_dir, d.is_main)
+    tokenizer_dir = out_dir / "tokenizer"
+    tokenizer = build_tokenizer(cfg, sources, tokenizer_dir, d.is_main)
     torch.manual_seed(cfg.seed)
     if cfg.init_from:
-        model, dims = load_whisper(cfg.init_from)
-        if cfg.ctc_weight:
-            model.add_ctc_head()
+        pretrained, dims = load_whisper(cfg.init_from)
+        model = Whisper(dims, ctc=cfg.ctc_weight > 0)  # a new CTC head (Whisper checkpoints have none) + the weights
+        missing, unexpected = model.load_state_dict(pretrained.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("ctc_head.") for k in missing):
+            raise SystemExit(f"{cfg.init_from}: weights do not fit the model: missing {missing}, unexpected {unexpected}")
+        del pretrained
     else:
         dims = dims_for(cfg.model, n_vocab=tokenizer.vocab_size, n_mels=cfg.n_mels)
         model = Whisper(dims, ctc=cfg.ctc_weight > 0)
@@ -312,11 +318,12 @@ def main(argv: list[str]) -> dict:
                       f"LID {results['lid_acc']:.4f}, RTF {results['rtf']:.4f}")
     bar.close()
 
-    weights = full_state_dict(model)
     if d.is_main:
         export = out_dir / "export"
-        export_hf(model, export / "hf", tokenizer=tokenizer, state_dict=weights)
-        export_openai(model, export / "whisper.pt", state_dict=weights)
+        ids = {"decoder_start_token_id": tokenizer.sot, "eos_token_id": tokenizer.eot, "pad_token_id": tokenizer.eot,
+               "bos_token_id": tokenizer.eot}
+        export_hf(model, export / "hf", tokenizer_dir=tokenizer_dir, **ids)
+        export_openai(model, export / "whisper.pt")
         results = {k: v for k, v in results.items() if k != "examples"} | {
             "step": step, "checkpoint": last_ckpt, "export_hf": str(export / "hf"),
             "export_openai": str(export / "whisper.pt"), "bad_samples": position.bad_samples,
