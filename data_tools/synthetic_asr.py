@@ -62,14 +62,14 @@ SCRIPTS = {"en": "LATIN", "de": "LATIN", "fr": "LATIN", "es": "LATIN", "it": "LA
 TRAIN_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "f1", "f2", "f3", "f4", "klatt", "klatt2",
                   "adam", "Andy", "belinda", "benjamin", "david", "john", "linda", "max", "paul", "robert")
 HELDOUT_VARIANTS = ("m7", "f5", "klatt3", "steph", "edward")
-RATE_WPM = (150, 200)   # espeak speed, words per minute
+RATE_WPM = (165, 225)   # espeak speed, words per minute
 PITCH = (30, 70)        # espeak pitch, 0-99
 PAUSE_S = (0.2, 0.6)    # silence between the phrases of a multi-phrase utterance
 
 
 # ---------------------------------------------------------------------------- words and sentences
 
-def read_words(lang: str, count: int, seed: int, min_len: int = 3, max_len: int = 9) -> list[str]:
+def read_words(lang: str, count: int, seed: int, min_len: int = 3, max_len: int = 8) -> list[str]:
     """`count` distinct lowercase words of one script from the language's word list, drawn with `seed`."""
     _, path, encoding, _ = LANGUAGES[lang]
     if not Path(path).exists():
@@ -178,10 +178,10 @@ def flac_bytes(audio: np.ndarray) -> bytes:
 # ---------------------------------------------------------------------------- splits
 
 def make_utterance(rng: random.Random, lang: str, words: list[str], multi_prob: float) -> list[str]:
-    """The phrases of one utterance: one phrase of 2-5 words, or (multi_prob) 2-3 phrases of 2-3 words."""
+    """The phrases of one utterance: one phrase of 2-4 words, or (multi_prob) 2-3 phrases of 1-3 words."""
     if rng.random() < multi_prob:
-        return [make_phrase(rng, lang, words, 2, 3) for _ in range(rng.randint(2, 3))]
-    return [make_phrase(rng, lang, words, 2, 5)]
+        return [make_phrase(rng, lang, words, 1, 3) for _ in range(rng.randint(2, 3))]
+    return [make_phrase(rng, lang, words, 2, 4)]
 
 
 def write_split(out: Path, espeak: Espeak, vocab: dict[str, list[str]], per_language: int, variants: tuple,

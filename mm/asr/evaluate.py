@@ -59,8 +59,11 @@ def evaluate_asr(model, tokenizer, spec: str, device: torch.device, n_mels: int 
             features, mask = model.embed_audio(mel, lengths)
             best, _ = detect_language(model, features, mask, tokenizer.sot, tokenizer.language_token_ids)
             detected = [tokenizer.languages[i] for i in best.tolist()]
+            # at most ~10 tokens per second of speech (Whisper's own cap is 224 per 30 s): a model that never
+            # says <|endoftext|> must not spend the evaluation writing max_new_tokens of nonsense
+            cap = min(max_new_tokens, int(10 * max(batch["durations"])) + 16)
             texts = transcribe_features(model, tokenizer, features, mask,
-                                        detected if language == "detect" else batch["languages"], max_new_tokens)
+                                        detected if language == "detect" else batch["languages"], cap)
         busy_s += time.perf_counter() - t0
         refs += batch["texts"]
         hyps += texts
