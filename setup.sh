@@ -27,10 +27,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$key" ]; then
     echo "$key" > "$stamp"
 fi
 
-# Debian packages: curl opens http(s):// shards (webdataset pipes through it); chromium runs the demo's browser test.
-apt_pkgs="curl"
-if [ "$want" = test ]; then apt_pkgs="curl chromium"; fi
-missing=$(for p in $apt_pkgs; do command -v "$p" >/dev/null || echo "$p"; done)
+# Debian packages: curl opens http(s):// shards (webdataset pipes through it); espeak-ng and the word lists
+# build the ASR recipe's built-in corpus (data_tools/synthetic_asr.py: APT_PACKAGES); chromium runs the
+# demos' browser tests.
+apt_pkgs="curl espeak-ng wamerican wngerman wfrench wspanish witalian wpolish wswedish wukrainian hunspell-ru hunspell-el"
+if [ "$want" = test ]; then apt_pkgs="$apt_pkgs chromium"; fi
+missing=$(for p in $apt_pkgs; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || echo "$p"; done)
 if [ -n "$missing" ]; then
     echo "[setup] installing Debian packages:" $missing
     SUDO=""; [ "$(id -u)" != 0 ] && SUDO=sudo

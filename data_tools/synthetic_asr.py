@@ -14,16 +14,21 @@ carries each phrase's start and end time, so the model can learn timestamp token
 
     python -m data_tools.synthetic_asr --out=data/asr_synth --per_language=900
 
+Texts, voices, speeds, pitches and pauses depend only on the arguments; the audio itself may differ in
+a few samples between builds (espeak-ng's voice source keeps state from one utterance to the next).
+
 Speech comes from libespeak-ng through ctypes, not the `espeak-ng` command: one process per utterance
 costs ~11 ms to start, the library call ~1.7 ms, and there is no maintained Python binding on PyPI.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import io
 import json
+import multiprocessing
 import random
 import threading
 import unicodedata
@@ -36,7 +41,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 SAMPLE_RATE = 16000
-INFO_VERSION = 1  # bump when what a given set of arguments writes changes
+INFO_VERSION = 2  # bump when what a given set of arguments writes changes
 
 
 # language -> (espeak voice, word list file, its encoding, num2words language or None)
@@ -184,47 +189,74 @@ def make_utterance(rng: random.Random, lang: str, words: list[str], multi_prob: 
     return [make_phrase(rng, lang, words, 2, 4)]
 
 
-def write_split(out: Path, espeak: Espeak, vocab: dict[str, list[str]], per_language: int, variants: tuple,
-                seed: int, multi_prob: float, exclude: set[str], desc: str) -> tuple[set[str], dict]:
-    """Write per_language utterances per language (interleaved) as shards under `out`, never a text in `exclude`.
-    Returns (texts written, per-language {"count", "seconds"})."""
-    out.mkdir(parents=True, exist_ok=True)
-    rng, texts = random.Random(seed), set()
-    stats = {lang: {"count": 0, "seconds": 0.0} for lang in vocab}
-    with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=2000, verbose=0) as sink:
-        for i in tqdm(range(per_language * len(vocab)), desc=desc, unit="utt", mininterval=2):
-            lang = list(vocab)[i % len(vocab)]
+def plan_split(vocab: dict[str, list[str]], per_language: int, variants: tuple, seed: int, multi_prob: float,
+               exclude: set[str]) -> list[tuple]:
+    """What to speak: per_language utterances per language (interleaved), never a text in `exclude` nor one
+    twice, as (key, language, phrases, voice, seed for the voice's speed, pitch and pauses)."""
+    rng, texts, plan = random.Random(seed), set(), []
+    for i in range(per_language * len(vocab)):
+        lang = list(vocab)[i % len(vocab)]
+        phrases = make_utterance(rng, lang, vocab[lang], multi_prob)
+        while " ".join(phrases) in exclude or " ".join(phrases) in texts:
             phrases = make_utterance(rng, lang, vocab[lang], multi_prob)
-            while " ".join(phrases) in exclude or " ".join(phrases) in texts:
-                phrases = make_utterance(rng, lang, vocab[lang], multi_prob)
-            voice = f"{LANGUAGES[lang][0]}+{rng.choice(variants)}"
-            audio, segments = synthesize(espeak, phrases, voice, rng)
-            text = " ".join(phrases)
-            meta = {"text": text, "language": lang, "duration": round(len(audio) / SAMPLE_RATE, 3), "voice": voice}
-            if len(segments) > 1:
-                meta["segments"] = segments
-            sink.write({"__key__": f"{lang}-{i:07d}", "flac": flac_bytes(audio), "json": json.dumps(meta).encode()})
-            texts.add(text)
-            stats[lang]["count"] += 1
-            stats[lang]["seconds"] = round(stats[lang]["seconds"] + meta["duration"], 3)
-    return texts, stats
+        texts.add(" ".join(phrases))
+        plan.append((f"{lang}-{i:07d}", lang, phrases, f"{LANGUAGES[lang][0]}+{rng.choice(variants)}", rng.random()))
+    return plan
+
+
+_espeak: Espeak | None = None  # one per worker process
+
+
+def speak_utterance(item: tuple) -> dict:
+    """One planned utterance -> a shard sample {"__key__", "flac", "json"}."""
+    global _espeak
+    if _espeak is None:
+        _espeak = Espeak()
+    key, lang, phrases, voice, seed = item
+    audio, segments = synthesize(_espeak, phrases, voice, random.Random(seed))
+    meta = {"text": " ".join(phrases), "language": lang, "duration": round(len(audio) / SAMPLE_RATE, 3), "voice": voice}
+    if len(segments) > 1:
+        meta["segments"] = segments
+    return {"__key__": key, "flac": flac_bytes(audio), "json": json.dumps(meta, ensure_ascii=False).encode()}
+
+
+def write_split(out: Path, plan: list[tuple], num_workers: int, desc: str) -> dict:
+    """Speak the plan in `num_workers` processes and write it, in order, as shards under `out`.
+    Returns per-language {"count", "seconds"}."""
+    out.mkdir(parents=True, exist_ok=True)
+    stats = {}
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=1000, verbose=0))
+        if num_workers > 1:
+            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(num_workers))
+            samples = pool.imap(speak_utterance, plan, chunksize=32)
+        else:
+            samples = map(speak_utterance, plan)
+        for (_, lang, *_), sample in zip(plan, tqdm(samples, total=len(plan), desc=desc, unit="utt", mininterval=2)):
+            sink.write(sample)
+            entry = stats.setdefault(lang, {"count": 0, "seconds": 0.0})
+            entry["count"] += 1
+            entry["seconds"] = round(entry["seconds"] + json.loads(sample["json"])["duration"], 3)
+    return stats
 
 
 def write_synthetic_asr(out: str | Path, per_language: int = 900, heldout_per_language: int = 40,
                         words_per_language: int = 300, languages: tuple[str, ...] = tuple(LANGUAGES),
-                        multi_prob: float = 0.3, seed: int = 0) -> dict:
-    """Write train and held-out splits and info.json under `out`; returns the info dict."""
+                        multi_prob: float = 0.3, seed: int = 0, num_workers: int = 2) -> dict:
+    """Write train and held-out splits and info.json under `out`; returns the info dict. The shards are
+    the same for any num_workers (processes speaking in parallel)."""
     out = Path(out)
     unknown = [lang for lang in languages if lang not in LANGUAGES]
     if unknown:
         raise ValueError(f"no built-in speech for {unknown}; choose from {list(LANGUAGES)}")
-    espeak = Espeak()
+    Espeak()  # fail here, clearly, if libespeak-ng is missing
     vocab = {lang: read_words(lang, words_per_language, seed) for lang in languages}
     # held-out sentences first, so that training can be told to avoid them
-    heldout_texts, heldout = write_split(out / "heldout", espeak, vocab, heldout_per_language, HELDOUT_VARIANTS,
-                                         seed + 1, multi_prob, set(), "held-out speech")
-    _, train = write_split(out / "train", espeak, vocab, per_language, TRAIN_VARIANTS, seed, multi_prob,
-                           heldout_texts, "train speech")
+    heldout_plan = plan_split(vocab, heldout_per_language, HELDOUT_VARIANTS, seed + 1, multi_prob, set())
+    train_plan = plan_split(vocab, per_language, TRAIN_VARIANTS, seed, multi_prob,
+                            {" ".join(phrases) for _, _, phrases, _, _ in heldout_plan})
+    heldout = write_split(out / "heldout", heldout_plan, num_workers, "held-out speech")
+    train = write_split(out / "train", train_plan, num_workers, "train speech")
     info = {"version": INFO_VERSION, "per_language": per_language, "heldout_per_language": heldout_per_language,
             "words_per_language": words_per_language, "languages": list(languages), "multi_prob": multi_prob,
             "seed": seed, "train_variants": list(TRAIN_VARIANTS), "heldout_variants": list(HELDOUT_VARIANTS),
@@ -239,7 +271,7 @@ def ensure_synthetic_asr(out: str | Path, **kwargs) -> dict:
     info_path = Path(out) / "info.json"
     if info_path.exists():
         info = json.loads(info_path.read_text())
-        want = {"version": INFO_VERSION, **kwargs}
+        want = {"version": INFO_VERSION, **{k: v for k, v in kwargs.items() if k != "num_workers"}}
         if "languages" in want:
             want["languages"] = list(want["languages"])
         if all(info.get(k) == v for k, v in want.items()):
@@ -260,9 +292,10 @@ def main(argv=None):
     p.add_argument("--languages", default=",".join(LANGUAGES), help=f"comma-separated, from {','.join(LANGUAGES)}")
     p.add_argument("--multi_prob", type=float, default=0.3, help="share of multi-phrase utterances with segments")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_workers", type=int, default=2, help="processes speaking in parallel")
     a = p.parse_args(argv)
     info = write_synthetic_asr(a.out, a.per_language, a.heldout_per_language, a.words_per_language,
-                               tuple(a.languages.split(",")), a.multi_prob, a.seed)
+                               tuple(a.languages.split(",")), a.multi_prob, a.seed, a.num_workers)
     print(json.dumps({k: v for k, v in info.items() if k not in ("train", "heldout")}))
 
 

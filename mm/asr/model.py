@@ -133,6 +133,12 @@ class AudioEncoder(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv1d(n_mels, n_state, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(n_state, n_state, kernel_size=3, stride=2, padding=1)
+        # He init: with PyTorch's default the front end's output (std ~0.04 on Whisper log-mels) is drowned by
+        # the sinusoidal positions (std ~0.6) it is added to, and from scratch the encoder takes hundreds of
+        # steps to hear anything; at ~0.4 it learns at once. (Loading a checkpoint overwrites all this.)
+        for conv in (self.conv1, self.conv2):
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
         self.register_buffer("positional_embedding", sinusoids(n_ctx, n_state))  # persistent: OpenAI stores it
         self.blocks = nn.ModuleList([ResidualAttentionBlock(n_state, n_head) for _ in range(n_layer)])
         self.ln_post = nn.LayerNorm(n_state)
