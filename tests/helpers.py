@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 # Subprocesses the tests start (recipes, servers) run on one thread: tiny models are fastest so, and with
 # several, the OpenMP threads of concurrent processes (pytest + a server + training) fight over 2 cores.
@@ -74,3 +76,63 @@ def take_batches(dataset, position, n_batches: int, num_workers: int) -> list:
         position.update(state)
         out.append(batch.tolist())
     return out
+
+
+# ---------------------------------------------------------------- ASR
+
+# The ASR tests' corpus: data_tools' espeak speech, tiny (12 training and 3 held-out utterances in each of
+# three scripts, one shard per split; ~3 s to write).
+TINY_ASR_CORPUS = {"per_language": 12, "heldout_per_language": 3, "words_per_language": 40,
+                   "languages": ("en", "ru", "el")}
+
+
+def tiny_asr_corpus(tmp_path_factory) -> Path:
+    """<base temp>/asr_corpus/{train,heldout}/shard-000000.tar + info.json, written by the first test session
+    fixture that asks and reused by the others (ensure_synthetic_asr keeps a complete copy with the same
+    settings), so each test module can declare its own fixture and the corpus is still made once."""
+    from data_tools.synthetic_asr import ensure_synthetic_asr
+
+    out = tmp_path_factory.getbasetemp() / "asr_corpus"
+    ensure_synthetic_asr(out, **TINY_ASR_CORPUS)
+    return out
+
+
+def asr_recipe_command(args: list[str]) -> list[str]:
+    return [sys.executable, str(ROOT / "recipes" / "asr" / "train.py"), *args]
+
+
+def run_asr_recipe(args: list[str], cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
+    """Run recipes/asr/train.py in a fresh process, as a user would (run_recipe's twin)."""
+    proc = subprocess.run(asr_recipe_command(args), cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **SUBPROCESS_ENV})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"recipe failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def kill_after_first_checkpoint(command: list[str], ckpt_dir: Path) -> list[int]:
+    """Start `command`, SIGKILL it as soon as `ckpt_dir` holds a checkpoint; the steps saved by then."""
+    import signal
+    import time
+
+    from mm.checkpoint import list_checkpoints
+
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **SUBPROCESS_ENV})
+    while not list_checkpoints(ckpt_dir) and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return [s for s, _ in list_checkpoints(ckpt_dir)]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a test module, as SUBPROCESS_ENV does for subprocesses: tiny models run fastest
+    so, and two threads fighting other processes for 2 cores made decoding steps 10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -38,7 +38,7 @@ def error_rates(references: list[str], hypotheses: list[str]) -> tuple[float, fl
     """(WER, CER) over the list, both strings already normalised. A reference that normalises to
     nothing counts its hypothesis as insertions against one word / character, so it is never dropped."""
     refs = [r if r.strip() else "∅" for r in references]
-    hyps = [h if h.strip() else "" for h in hypotheses]
+    hyps = [h if h.strip() else "" if r.strip() else "∅" for r, h in zip(references, hypotheses)]
     words = jiwer.process_words(refs, hyps)
     chars = jiwer.process_characters(refs, hyps)
     return float(words.wer), float(chars.cer)
