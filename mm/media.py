@@ -26,6 +26,8 @@ import soundfile
 import soxr
 from PIL import Image, UnidentifiedImageError
 
+from mm.batching import SampleTooLong  # what the loader counts as too_long rather than bad
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_KEYS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # the same list, as WebDataset sample fields
 # 50 megapixels (~150 MB once decoded to RGB): above any ordinary photo, far below what a
@@ -124,8 +126,8 @@ class EmptyAudio(NotAudio):
     """The file is empty, or a valid header declares no samples."""
 
 
-class AudioTooLong(ValueError):
-    """The audio lasts longer than allowed."""
+class AudioTooLong(SampleTooLong):
+    """The audio lasts longer than allowed. A SampleTooLong (a ValueError): the loader counts it as too_long."""
 
 
 def load_audio(source: str | Path | bytes, sample_rate: int = SAMPLE_RATE,

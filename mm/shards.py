@@ -232,7 +232,8 @@ def skip_trained(items: Iterable[tuple[int, int, dict]], last: tuple[int, int],
 def decode_samples(items: Iterable[tuple], decode: Callable[[dict], Any], counts: dict[str, int],
                    seed: str | None = None) -> Iterator[tuple]:
     """(epoch, position, raw, *rest) -> (epoch, position, key, decoded, *rest). A sample that fails to
-    decode is counted in counts["bad_samples"] and dropped.
+    decode is counted in counts["bad_samples"] and dropped; one the decoder finds too long (SampleTooLong,
+    e.g. AudioTooLong) in counts["too_long"].
 
     With `seed`, the global RNGs are seeded from (seed, epoch, position) before each sample, so random
     augmentations are a function of the sample's place in the stream and repeat exactly on resume.
@@ -246,6 +247,9 @@ def decode_samples(items: Iterable[tuple], decode: Callable[[dict], Any], counts
             random.seed(s)
         try:
             out = decode(raw)
+        except SampleTooLong:  # a good sample over the length limit (e.g. AudioTooLong): counted apart
+            counts["too_long"] += 1
+            continue
         except Exception as e:  # noqa: BLE001 - one bad sample never stops a run
             counts["bad_samples"] += 1
             if counts["bad_samples"] <= 10:

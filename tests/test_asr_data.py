@@ -13,7 +13,7 @@ import torch
 from mm.asr.data import asr_collate, asr_decoder, mel_seconds, read_transcripts
 from mm.asr.features import FRAMES_PER_SECOND, N_FRAMES
 from mm.asr.tokenizer import TIME_PRECISION, train_bpe
-from mm.batching import BucketBatcher
+from mm.batching import BucketBatcher, SampleTooLong
 from mm.shards import LoaderPosition, ShardStream, expand_shard_spec, make_loader, read_samples
 from tests.helpers import one_torch_thread, tiny_asr_corpus, write_tar  # noqa: F401 - a fixture
 
@@ -194,8 +194,6 @@ def tone_flac(seconds: float) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an utterance over max_seconds raises AudioTooLong in the decode stage, "
-                                       "which mm/shards.py decode_samples counts as bad_samples, not too_long")
 def test_utterance_over_max_seconds_is_counted_too_long(raw, tok, tmp_path):
     """ASRConfig.max_seconds: "longer utterances are skipped and counted (too_long)"."""
     long = {"__key__": "long", "flac": tone_flac(6.0), "json": json.dumps({"text": "a long one", "language": "en"})}
@@ -208,14 +206,9 @@ def test_utterance_over_max_seconds_is_counted_too_long(raw, tok, tmp_path):
     assert (state["too_long"], state["bad_samples"]) == (1, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: speed perturbation by 0.9 turns an utterance of 27-30 s (allowed by the "
-                                       "default max_seconds=30) into 30-33 s of log-mel, which the encoder refuses "
-                                       "(n_audio_ctx=1500), so the training step raises and the run stops")
 def test_a_slowed_down_utterance_still_fits_the_encoder(tok):
     sample = {"__key__": "long", "flac": tone_flac(29.0), "json": json.dumps({"text": "a long one", "language": "en"})}
     decode = asr_decoder(tok, train=True, max_seconds=30.0, speed_factors=(0.9,), spec_augment_on=False)
-    try:
-        out = decode(sample)
-    except ValueError:
-        return  # refused: the loader counts and skips it
-    assert out["mel"].shape[-1] <= N_FRAMES  # what an encoder of n_audio_ctx=1500 positions takes
+    with pytest.raises(SampleTooLong, match="exceed the encoder's 3000"):  # the loader counts it as too_long
+        decode(sample)
+    assert decode({**sample, "flac": tone_flac(26.0)})["mel"].shape[-1] <= N_FRAMES

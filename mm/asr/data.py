@@ -17,6 +17,7 @@ import torch
 
 from mm.asr.features import (FRAMES_PER_SECOND, N_SAMPLES, add_noise, log_mel_spectrogram, pad_or_trim,
                              spec_augment, speed_perturb)
+from mm.batching import SampleTooLong
 from mm.decoders import audio_decoder
 
 
@@ -24,7 +25,8 @@ def asr_decoder(tokenizer, n_mels: int = 80, train: bool = True, max_seconds: fl
                 min_seconds: float = 0.0, pad_to_30s: bool = False, timestamp_prob: float = 0.5,
                 speed_factors: tuple[float, ...] = (0.9, 1.0, 1.1), noise_prob: float = 0.0,
                 snr_db: tuple[float, float] = (10.0, 30.0), spec_augment_on: bool = True,
-                default_language: str | None = None, max_target_tokens: int = 448, ctc: bool = False):
+                default_language: str | None = None, max_target_tokens: int = 448, ctc: bool = False,
+                max_frames: int = 3000):
     """decode(raw sample) -> {"mel": [n_mels, frames], "tokens": LongTensor [L], "loss_mask": BoolTensor [L],
     ("ctc_tokens": LongTensor [N]), "language", "text", "duration" (s, after speed perturbation)}.
 
@@ -32,18 +34,21 @@ def asr_decoder(tokenizer, n_mels: int = 80, train: bool = True, max_seconds: fl
     loss mask says which positions are predicted (everything after sot). Training with timestamps needs
     the sample's "segments"; timestamp_prob of those that have them get timestamp tokens, the rest
     <|notimestamps|>. With train=False there is no augmentation and no timestamps. A sample whose
-    language the tokenizer does not know raises (the loader counts it as bad).
+    language the tokenizer does not know raises (the loader counts it as bad). One whose log-mel is longer
+    than max_frames (the encoder's 2 x n_audio_ctx; speed perturbation can stretch a clip past it) raises
+    SampleTooLong (counted as too_long).
     """
     return functools.partial(_decode_asr, read=audio_decoder(max_seconds=max_seconds, min_seconds=min_seconds),
                              tokenizer=tokenizer, n_mels=n_mels, train=train, pad_to_30s=pad_to_30s,
                              timestamp_prob=timestamp_prob, speed_factors=tuple(speed_factors), noise_prob=noise_prob,
                              snr_db=tuple(snr_db), spec_augment_on=spec_augment_on,
-                             default_language=default_language, max_target_tokens=max_target_tokens, ctc=ctc)
+                             default_language=default_language, max_target_tokens=max_target_tokens, ctc=ctc,
+                             max_frames=max_frames)
 
 
 def _decode_asr(sample: dict, read, tokenizer, n_mels: int, train: bool, pad_to_30s: bool, timestamp_prob: float,
                 speed_factors: tuple, noise_prob: float, snr_db: tuple, spec_augment_on: bool,
-                default_language: str | None, max_target_tokens: int, ctc: bool) -> dict:
+                default_language: str | None, max_target_tokens: int, ctc: bool, max_frames: int) -> dict:
     d = read(sample)
     language = d["language"] or default_language
     if language is None:
@@ -60,6 +65,9 @@ def _decode_asr(sample: dict, read, tokenizer, n_mels: int, train: bool, pad_to_
             audio = add_noise(audio, random.uniform(*snr_db), torch.default_generator)
     duration = len(audio) / 16000
     mel = log_mel_spectrogram(pad_or_trim(audio, N_SAMPLES) if pad_to_30s else audio, n_mels)
+    if mel.shape[-1] > max_frames:
+        raise SampleTooLong(f"{sample['__key__']}: {mel.shape[-1]} log-mel frames (after speed perturbation) exceed "
+                            f"the encoder's {max_frames}")
     if train and spec_augment_on:
         mel = spec_augment(mel, torch.default_generator)
     timestamps = bool(train and segments and random.random() < timestamp_prob)
