@@ -69,6 +69,17 @@ from mm.optim import WarmupCosine, param_groups  # noqa: E402
 from mm.shards import read_samples  # noqa: E402
 
 SYNTH_DIR = ROOT / "data" / "asr_synth"  # the recipe's built-in corpus (generated here if missing)
+
+
+def recipe_defaults():
+    """The ASR recipe's config defaults (its built-in corpus settings), read from recipes/asr/train.py."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("asr_recipe", ROOT / "recipes" / "asr" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ASRConfig()
+
+
 SCHEDULE_TICKS = 1000  # the time-based schedule's resolution: 1/1000 of the budget
 
 
@@ -83,10 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu_seconds", type=float, default=60, help="mode 3: seconds per side and setting")
     p.add_argument("--gpu_max_batch_seconds", type=float, default=600, help="mode 3: --max_batch_seconds")
     p.add_argument("--peak_tflops", type=float, default=989.0, help="MFU denominator (989: H100/H200 dense bf16)")
-    p.add_argument("--max_batch_seconds", type=float, default=120, help="audio per bucket batch (the recipe's)")
+    p.add_argument("--max_batch_seconds", type=float, default=12, help="audio per bucket batch (the recipe's)")
     p.add_argument("--num_buckets", type=int, default=10)
     p.add_argument("--peer_batch_size", type=int, default=None, help="default: our mean bucket batch size")
-    p.add_argument("--bpe_vocab", type=int, default=1000)
+    p.add_argument("--bpe_vocab", type=int, default=500)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=float, default=0.1, help="share of the budget spent warming up")
     p.add_argument("--min_lr_ratio", type=float, default=0.05)
@@ -111,7 +122,8 @@ def load_corpus(data: Path) -> tuple[list[str], list[dict], list[float], str]:
     """(training shards; their raw samples, in shard order; their durations in s; the held-out shard spec)."""
     if data.resolve() == SYNTH_DIR.resolve():
         from data_tools.synthetic_asr import ensure_synthetic_asr
-        ensure_synthetic_asr(data, per_language=900, words_per_language=300)  # the recipe's defaults
+        cfg = recipe_defaults()
+        ensure_synthetic_asr(data, per_language=cfg.synthetic_per_language, words_per_language=cfg.synthetic_words)
     urls = sorted(str(u) for u in (data / "train").glob("*.tar"))
     if not urls or not list((data / "heldout").glob("*.tar")):
         raise SystemExit(f"{data}: expected train/*.tar and heldout/*.tar (python -m data_tools.synthetic_asr)")

@@ -12,7 +12,7 @@ carries each phrase's start and end time, so the model can learn timestamp token
                                 sentences that never occur in training
     <out>/info.json             what was written (its presence means the data is complete)
 
-    python -m data_tools.synthetic_asr --out=data/asr_synth --per_language=900
+    python -m data_tools.synthetic_asr --out=data/asr_synth --per_language=600
 
 Texts, voices, speeds, pitches and pauses depend only on the arguments; the audio itself may differ in
 a few samples between builds (espeak-ng's voice source keeps state from one utterance to the next).
@@ -240,8 +240,8 @@ def write_split(out: Path, plan: list[tuple], num_workers: int, desc: str) -> di
     return stats
 
 
-def write_synthetic_asr(out: str | Path, per_language: int = 900, heldout_per_language: int = 40,
-                        words_per_language: int = 300, languages: tuple[str, ...] = tuple(LANGUAGES),
+def write_synthetic_asr(out: str | Path, per_language: int = 600, heldout_per_language: int = 40,
+                        words_per_language: int = 60, languages: tuple[str, ...] = tuple(LANGUAGES),
                         multi_prob: float = 0.3, seed: int = 0, num_workers: int = 2) -> dict:
     """Write train and held-out splits and info.json under `out`; returns the info dict. The shards are
     the same for any num_workers (processes speaking in parallel)."""
@@ -286,9 +286,9 @@ def ensure_synthetic_asr(out: str | Path, **kwargs) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/asr_synth")
-    p.add_argument("--per_language", type=int, default=900, help="training utterances per language")
+    p.add_argument("--per_language", type=int, default=600, help="training utterances per language")
     p.add_argument("--heldout_per_language", type=int, default=40)
-    p.add_argument("--words_per_language", type=int, default=300, help="vocabulary drawn from each word list")
+    p.add_argument("--words_per_language", type=int, default=60, help="vocabulary drawn from each word list")
     p.add_argument("--languages", default=",".join(LANGUAGES), help=f"comma-separated, from {','.join(LANGUAGES)}")
     p.add_argument("--multi_prob", type=float, default=0.3, help="share of multi-phrase utterances with segments")
     p.add_argument("--seed", type=int, default=0)

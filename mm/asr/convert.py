@@ -72,7 +72,8 @@ def load_whisper(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         raise ValueError(f"{path}: pass the Hugging Face folder holding it (with its config.json), not the file")
     else:
         dims, state, source = _read_openai(path)
-    model = Whisper(dims, ctc="ctc_head.weight" in state)
+    ctc = "ctc_head.weight" in state
+    model = Whisper(dims, ctc=ctc, ctc_vocab=state["ctc_head.weight"].shape[0] - 1 if ctc else None)
     _load_state(model, state, source)
     return model.to(device).eval(), dims
 

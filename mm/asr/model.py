@@ -4,7 +4,7 @@ so an OpenAI state dict loads as is), plus what training on short utterances nee
 - a variable-length encoder: mel of any length up to 2 * n_audio_ctx frames, with per-sample lengths, whose
   output for a sample's valid frames does not depend on how much padding its batch has;
 - a decoder whose cross-attention skips padded audio frames, and an explicit KV cache (no forward hooks);
-- an optional CTC head on the encoder (`Whisper(dims, ctc=True)`; blank = n_vocab).
+- an optional CTC head on the encoder (`Whisper(dims, ctc=True)`; blank = its last class).
 
 Attention is `F.scaled_dot_product_attention`; its default 1/sqrt(d_head) scale equals Whisper's
 d_head^-0.25 applied to both q and k.
@@ -226,21 +226,24 @@ class WhisperOutput(NamedTuple):
 
 
 class Whisper(nn.Module):
-    """AudioEncoder + TextDecoder. With `ctc=True`, `ctc_head` maps encoder frames to n_vocab + 1 classes, the
-    last (index n_vocab) being the CTC blank; it is not part of OpenAI's or Hugging Face's formats."""
+    """AudioEncoder + TextDecoder. With `ctc=True`, `ctc_head` maps encoder frames to ctc_vocab + 1 classes, the
+    last (index ctc_vocab) being the CTC blank; it is not part of OpenAI's or Hugging Face's formats."""
 
-    def __init__(self, dims: ModelDimensions, ctc: bool = False):
+    def __init__(self, dims: ModelDimensions, ctc: bool = False, ctc_vocab: int | None = None):
         super().__init__()
         self.dims = dims
         self.encoder = AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head,
                                     dims.n_audio_layer)
         self.decoder = TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head,
                                    dims.n_text_layer)
-        self.ctc_head = nn.Linear(dims.n_audio_state, dims.n_vocab + 1) if ctc else None
+        # ctc_vocab: the token ids the head covers, 0..ctc_vocab-1 (default n_vocab). Text tokens are enough:
+        # Whisper's 1.6k special and timestamp tokens come after them, and a from-scratch CPU model's head
+        # is then 2.6x smaller.
+        self.ctc_head = nn.Linear(dims.n_audio_state, (ctc_vocab or dims.n_vocab) + 1) if ctc else None
 
     @property
     def ctc_blank(self) -> int:
-        return self.dims.n_vocab
+        return self.ctc_head.out_features - 1
 
     def embed_audio(self, mel: Tensor, mel_lengths: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """-> (audio_features [B, T', n_audio_state], audio_mask [B, T'] or None); see AudioEncoder.forward."""
@@ -309,8 +312,8 @@ def cpu_tiny(n_vocab: int | None = None, n_mels: int | None = None) -> ModelDime
     return _dims(n_mels or 80, n_vocab or 256, 64, 2, 2, 2)
 
 
-def cpu_small(n_vocab: int | None = None, n_mels: int | None = None) -> ModelDimensions:  # 6.95M at n_vocab 1024
-    return _dims(n_mels or 80, n_vocab or 1024, 256, 4, 4, 3)
+def cpu_small(n_vocab: int | None = None, n_mels: int | None = None) -> ModelDimensions:  # 1.6M at n_vocab 2109
+    return _dims(n_mels or 80, n_vocab or 1024, 128, 4, 4, 2)
 
 
 SIZES = {"tiny": tiny, "base": base, "small": small, "medium": medium, "large_v2": large_v2,

@@ -54,15 +54,15 @@ class ASRConfig:
     train_data: str = f"{SYNTH_DIR}/train"  # shard spec: path/folder/URL/pipe:, {000..099} braces, sources joined by ::
     train_weights: list[float] | None = None  # one weight per :: source (resampled mode only)
     eval_data: str | None = f"{SYNTH_DIR}/heldout"  # held-out shards scored per language (none: skip)
-    synthetic_per_language: int = 900  # built-in corpus: training utterances per language (when train_data is it)
-    synthetic_words: int = 300  # built-in corpus: vocabulary drawn from each language's word list
+    synthetic_per_language: int = 600  # built-in corpus: training utterances per language (when train_data is it)
+    synthetic_words: int = 60  # built-in corpus: vocabulary drawn from each language's word list
     resampled: bool = False  # draw shards with replacement (infinite stream) instead of epoch passes
     epoch_samples: int = 0  # samples per epoch across all ranks (0: one pass over the shards; resampled needs it)
     shuffle_buffer: int = 1000  # samples held in each worker's shuffle buffer
     num_workers: int = 0  # DataLoader workers per rank (0: in-process)
     max_seconds: float = 30.0  # longer utterances are skipped and counted (too_long)
     min_seconds: float = 0.0  # shorter utterances are skipped and counted
-    max_batch_seconds: float = 120.0  # audio per batch, counted as padded length x utterances
+    max_batch_seconds: float = 12.0  # audio per batch, counted as padded length x utterances (GPU: ~600-1200)
     num_buckets: int = 10  # duration buckets, bounds estimated from the first shard
     default_language: str | None = None  # language of samples that name none (none: such samples are skipped)
     # --- targets and augmentation
@@ -70,18 +70,18 @@ class ASRConfig:
     speed_factors: list[float] = dataclasses.field(default_factory=lambda: [0.9, 1.0, 1.1])  # speed perturbation
     noise_prob: float = 0.0  # share of samples mixed with noise
     snr_db: list[float] = dataclasses.field(default_factory=lambda: [10.0, 30.0])  # noise SNR range, dB
-    spec_augment: bool = True  # frequency and time masks on the log-mel
+    spec_augment: bool = False  # frequency and time masks on the log-mel (the GPU presets turn it on)
     # --- model and tokenizer
     model: str = "cpu_small"  # a named size (see --help of mm.asr.model: tiny ... large_v3, cpu_tiny, cpu_small)
     init_from: str | None = None  # a Hugging Face Whisper folder or an OpenAI .pt file to fine-tune (its tokenizer too)
     n_mels: int = 80  # log-mel bins (80, or 128 as large-v3); a checkpoint's own wins
-    bpe_vocab: int = 1000  # from scratch: byte-level BPE size trained on the transcripts (plus Whisper's specials)
+    bpe_vocab: int = 500  # from scratch: byte-level BPE size trained on the transcripts (plus Whisper's specials)
     pad_to_30s: Literal["auto", "true", "false"] = "auto"  # auto: pad when fine-tuning a checkpoint, buckets otherwise
     ctc_weight: float = 0.3  # weight of the CTC loss on the encoder (0: no CTC head), as in OWSM
     label_smoothing: float = 0.1  # on the decoder's cross-entropy
     max_target_tokens: int = 448  # longer targets are skipped and counted
     # --- optimisation
-    max_steps: int = 1000  # optimizer steps
+    max_steps: int = 2600  # optimizer steps
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 2e-3  # peak learning rate
     min_lr_ratio: float = 0.05  # final lr as a fraction of the peak
@@ -98,12 +98,12 @@ class ASRConfig:
     out_dir: str = "runs/asr"  # checkpoints, metrics.jsonl, tensorboard/, tokenizer/, export/, config.yaml
     resume: str | None = None  # "latest" or a checkpoint path; required to reuse an out_dir with checkpoints
     resume_ignore_data: bool = False  # resume weights/optimizer/schedule but start the data afresh
-    ckpt_every: int = 500  # steps between checkpoints
+    ckpt_every: int = 1300  # steps between checkpoints
     keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
-    eval_every: int = 500  # steps between evaluations (0: only at the end)
+    eval_every: int = 1300  # steps between evaluations (0: only at the end)
     eval_batch_size: int = 64  # utterances per decoding batch
     eval_language: Literal["detect", "given"] = "detect"  # transcribe in the detected language, or the labelled one
-    log_every: int = 20  # steps between metrics.jsonl rows
+    log_every: int = 50  # steps between metrics.jsonl rows
     tensorboard: bool = True  # also log to <out_dir>/tensorboard
     wandb_project: str | None = None  # log to this wandb project (needs `pip install wandb`)
 
@@ -207,14 +207,15 @@ def main(argv: list[str]) -> dict:
     torch.manual_seed(cfg.seed)
     if cfg.init_from:
         pretrained, dims = load_whisper(cfg.init_from)
-        model = Whisper(dims, ctc=cfg.ctc_weight > 0)  # a new CTC head (Whisper checkpoints have none) + the weights
+        # a new CTC head over the text tokens (Whisper checkpoints have none) + the checkpoint's weights
+        model = Whisper(dims, ctc=cfg.ctc_weight > 0, ctc_vocab=tokenizer.eot)
         missing, unexpected = model.load_state_dict(pretrained.state_dict(), strict=False)
         if unexpected or any(not k.startswith("ctc_head.") for k in missing):
             raise SystemExit(f"{cfg.init_from}: weights do not fit the model: missing {missing}, unexpected {unexpected}")
         del pretrained
     else:
         dims = dims_for(cfg.model, n_vocab=tokenizer.vocab_size, n_mels=cfg.n_mels)
-        model = Whisper(dims, ctc=cfg.ctc_weight > 0)
+        model = Whisper(dims, ctc=cfg.ctc_weight > 0, ctc_vocab=tokenizer.eot)  # CTC over the text tokens
     model = model.to(d.device)
     pad_to_30s = cfg.pad_to_30s == "true" or (cfg.pad_to_30s == "auto" and cfg.init_from is not None)
     # fused AdamW: one kernel for all parameters (3x faster than foreach on CPU, also on GPU)
