@@ -37,7 +37,7 @@ from mm.asr.model import SIZES, Whisper, dims_for  # noqa: E402
 from mm.asr.tokenizer import AsrTokenizer, load_tokenizer, train_bpe  # noqa: E402
 from mm.batching import BucketBatcher  # noqa: E402
 from mm.config import ConfigError, parse_config, save_config  # noqa: E402
-from mm.distributed import all_reduce_mean, barrier, close_distributed, init_distributed, wrap_model  # noqa: E402
+from mm.distributed import all_reduce_mean, barrier, close_distributed, init_distributed, no_sync, wrap_model  # noqa: E402
 from mm.metrics import MetricsLogger, setup_logging  # noqa: E402
 from mm.optim import param_groups, warmup_cosine  # noqa: E402
 from mm.precision import check_finite, make_precision, optimizer_step  # noqa: E402
@@ -156,7 +156,7 @@ def build_tokenizer(cfg: ASRConfig, sources, saved: Path, is_main: bool) -> AsrT
     return load_tokenizer(saved)
 
 
-def bucket_bounds(sources, decode, num_buckets: int, max_seconds: float) -> list[float]:
+def bucket_bounds(sources, num_buckets: int, max_seconds: float) -> list[float]:
     """Duration bucket edges: equal-count quantiles of the first shard's durations (json "duration"), or
     even steps up to max_seconds when it has none."""
     from mm.batching import estimate_bucket_bounds
@@ -255,7 +255,7 @@ def main(argv: list[str]) -> dict:
                          default_language=cfg.default_language, max_target_tokens=min(cfg.max_target_tokens,
                                                                                      dims.n_text_ctx),
                          ctc=cfg.ctc_weight > 0, max_frames=2 * dims.n_audio_ctx)
-    bounds = [] if pad_to_30s else bucket_bounds(sources, decode, cfg.num_buckets, cfg.max_seconds)
+    bounds = [] if pad_to_30s else bucket_bounds(sources, cfg.num_buckets, cfg.max_seconds)
     batcher = BucketBatcher(mel_seconds, cfg.max_batch_seconds, bounds)
     dataset = ShardStream(sources, decode, asr_collate(tokenizer.eot), batcher, seed=data_seed, rank=d.rank,
                           world_size=d.world_size, num_workers=cfg.num_workers, resampled=cfg.resampled,
@@ -281,16 +281,18 @@ def main(argv: list[str]) -> dict:
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not d.is_main, dynamic_ncols=True, desc="asr")
     t_last, samples_since, audio_since = time.perf_counter(), 0, 0.0
     while step < cfg.max_steps:
+        step_loss = 0.0
         for micro in range(cfg.grad_accum):
             batch, batch_state = next(batches)
             position.update(batch_state)
             batch = {k: v.to(d.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with train_model.no_sync() if micro < cfg.grad_accum - 1 and d.world_size > 1 else _nothing():
+            with no_sync(train_model, skip=micro < cfg.grad_accum - 1):
                 loss, parts = train_loss(train_model, batch, cfg, precision)
                 precision.backward(loss / cfg.grad_accum)
+            step_loss = step_loss + loss.detach() / cfg.grad_accum
             samples_since += len(batch["texts"]) * d.world_size
             audio_since += sum(batch["durations"]) * d.world_size
-        loss_value = float(all_reduce_mean(loss.detach()))  # the mean over ranks: what is logged and checked
+        loss_value = float(all_reduce_mean(step_loss))  # the mean over micro-batches and ranks: logged and checked
         check_finite(loss_value, step, last_ckpt)
         result = optimizer_step(train_model.parameters(), optimizer, precision, cfg.grad_clip, step, last_ckpt)
         if not result.skipped:  # an fp16 overflow step changed no weights: the schedule waits for it too
@@ -335,14 +337,6 @@ def main(argv: list[str]) -> dict:
         print(f"checkpoint: {last_ckpt}\nexport: {export / 'hf'} (Hugging Face), {export / 'whisper.pt'} (openai-whisper)")
     close_distributed()
     return results
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":
