@@ -251,6 +251,8 @@ def test_every_preset_parses_and_names_a_real_size():
     (["--speed_factors=0.9,0"], "--speed_factors must be positive"),
     (["--timestamp_prob=1.5"], "--timestamp_prob and --noise_prob in [0, 1]"),
     (["--ckpt_every=0"], "--ckpt_every must be >= 1, got 0"),
+    (["--pad_to_30s=true"], "count 30 s each: --max_batch_seconds=20 fits none"),
+    (["--init_from=/ckpt/whisper-small"], "(--pad_to_30s=auto, with --init_from) count 30 s each"),
 ])
 def test_bad_config_is_refused_with_a_message(args, message):
     recipe = load_recipe("asr")
@@ -273,3 +275,38 @@ def test_recipe_fails_at_start_on_a_bad_config(tmp_path):
     assert proc.returncode != 0
     assert "config error: --model='nope' is not a named size" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_corpus_none_of_whose_samples_decode_stops_at_once(corpus, tmp_path):
+    """Every sample in a language Whisper has no token for: the run stops before training, with the reason,
+    instead of counting the whole corpus as bad samples."""
+    samples = [{k: v for k, v in s.items() if not k.startswith("__url")}
+               for s in read_samples([str(corpus / "train" / "shard-000000.tar")], {"bad_shards": 0})]
+    for s in samples:
+        s["json"] = json.dumps({**json.loads(s["json"]), "language": "zz"})
+    (tmp_path / "data").mkdir()
+    write_tar(tmp_path / "data" / "shard-000000.tar", samples)
+    proc = run_asr_recipe(["--config=tiny", f"--train_data={tmp_path / 'data'}", "--eval_data=none",
+                           f"--out_dir={tmp_path / 'run'}"], check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "none of the first 20 samples" in proc.stderr and "language 'zz' has no token" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_pt_checkpoint_finds_its_tokenizer_beside_it_or_says_why_not(trained, tmp_path):
+    import shutil
+
+    from mm.asr.convert import load_checkpoint_tokenizer
+    from mm.asr.tokenizer import load_tokenizer
+    out, _ = trained
+    lonely = tmp_path / "lonely" / "whisper.pt"
+    lonely.parent.mkdir()
+    shutil.copy(out / "export" / "whisper.pt", lonely)
+    with pytest.raises(ValueError, match="is not one of OpenAI's vocabularies and no tokenizer files"):
+        load_checkpoint_tokenizer(lonely)
+    beside = tmp_path / "hf"
+    shutil.copytree(out / "export" / "hf", beside)
+    shutil.copy(out / "export" / "whisper.pt", beside / "whisper.pt")
+    ours = load_tokenizer(out / "tokenizer")
+    found = load_checkpoint_tokenizer(beside / "whisper.pt")
+    assert (found.vocab_size, found.sot, found.encode(" hello")) == (ours.vocab_size, ours.sot, ours.encode(" hello"))

@@ -233,14 +233,20 @@ def copy_tokenizer_files(tokenizer_dir: str | Path, out_dir: str | Path) -> list
 
 
 def load_checkpoint_tokenizer(path: str | Path):
-    """The tokenizer that goes with a Whisper checkpoint: a Hugging Face folder's own files; for an OpenAI .pt
-    file (which carries none), OpenAI's vocabulary from openai-whisper's bundled tiktoken file (the optional
+    """The tokenizer that goes with a Whisper checkpoint: a Hugging Face folder's own files; for a .pt file,
+    tokenizer files beside it, else (an OpenAI checkpoint carries none) OpenAI's vocabulary from openai-whisper's bundled tiktoken file (the optional
     `whisper` extra: pip install 'mm[whisper]'), with as many languages as the model's n_vocab implies."""
     from mm.asr.tokenizer import load_tokenizer, tokenizer_from_tiktoken
     path = Path(path)
     if path.is_dir():
         return load_tokenizer(path)
+    if any((path.parent / name).exists() for name in ("tokenizer.json", "vocab.json")):
+        return load_tokenizer(path.parent)  # a .pt with its own tokenizer files beside it
     dims = ModelDimensions(**{k: int(v) for k, v in load_checkpoint(path)["dims"].items()})
+    if dims.n_vocab not in (51864, 51865, 51866):
+        raise ValueError(f"{path}: n_vocab={dims.n_vocab} is not one of OpenAI's vocabularies and no tokenizer files "
+                         f"(tokenizer.json / vocab.json) lie beside it; pass the Hugging Face folder exported with "
+                         f"it (export/hf), which carries its tokenizer")
     try:
         import whisper
     except ImportError:

@@ -122,6 +122,10 @@ def check_config(cfg: ASRConfig) -> None:
         raise ConfigError(f"--model={cfg.model!r} is not a named size; choose from {sorted(SIZES)}")
     if not 0 <= cfg.ctc_weight < 1 or not 0 <= cfg.timestamp_prob <= 1 or not 0 <= cfg.noise_prob <= 1:
         raise ConfigError("--ctc_weight must be in [0, 1), --timestamp_prob and --noise_prob in [0, 1]")
+    if (cfg.pad_to_30s == "true" or (cfg.pad_to_30s == "auto" and cfg.init_from)) and cfg.max_batch_seconds < 30:
+        raise ConfigError(f"inputs padded to 30 s (--pad_to_30s={cfg.pad_to_30s}{', with --init_from' if cfg.init_from else ''}) "
+                          f"count 30 s each: --max_batch_seconds={cfg.max_batch_seconds:g} fits none; use 30 x the "
+                          f"batch size you want (e.g. 480 for 16)")
     if len(cfg.snr_db) != 2 or cfg.snr_db[0] > cfg.snr_db[1]:
         raise ConfigError(f"--snr_db is [low, high] in dB, got {cfg.snr_db}")
     if any(f <= 0 for f in cfg.speed_factors):
@@ -144,7 +148,10 @@ def build_tokenizer(cfg: ASRConfig, sources, saved: Path, is_main: bool) -> AsrT
     transcripts (Whisper's special tokens appended). Saved in `saved`, which the export copies."""
     if is_main and not (cfg.resume and (saved / "vocab.json").exists()):
         if cfg.init_from:
-            tokenizer = load_checkpoint_tokenizer(cfg.init_from)
+            try:
+                tokenizer = load_checkpoint_tokenizer(cfg.init_from)
+            except (OSError, ValueError, ImportError) as e:
+                raise SystemExit(f"--init_from: {e}")
         else:
             texts = read_transcripts([u for s in sources for u in s.urls])
             if not texts:
@@ -172,6 +179,25 @@ def bucket_bounds(sources, num_buckets: int, max_seconds: float) -> list[float]:
     if len(durations) < 20 * num_buckets:
         return [max_seconds * (i + 1) / num_buckets for i in range(num_buckets - 1)]
     return estimate_bucket_bounds(durations, num_buckets)
+
+
+def check_samples_decode(sources, decode, n: int = 20) -> None:
+    """Decode the first n samples of the first shard before training: when none decodes (a wrong language
+    set, unreadable audio, a tokenizer that does not fit), stop now, with the reasons, instead of counting
+    every sample of the corpus as bad."""
+    from mm.shards import read_samples
+    errors = []
+    for i, sample in enumerate(read_samples(sources[0].urls[:1], {"bad_shards": 0})):
+        try:
+            decode(sample)
+            return
+        except Exception as e:  # noqa: BLE001 - collected for the message below
+            errors.append(f"{type(e).__name__}: {e}")
+        if i + 1 >= n:
+            break
+    if errors:
+        raise SystemExit(f"none of the first {len(errors)} samples of {sources[0].urls[0]} decodes:\n  "
+                         + "\n  ".join(errors[:5]))
 
 
 def train_loss(model, batch: dict, cfg: ASRConfig, precision) -> tuple[torch.Tensor, dict]:
@@ -206,7 +232,10 @@ def main(argv: list[str]) -> dict:
     tokenizer = build_tokenizer(cfg, sources, tokenizer_dir, d.is_main)
     torch.manual_seed(cfg.seed)
     if cfg.init_from:
-        pretrained, dims = load_whisper(cfg.init_from)
+        try:
+            pretrained, dims = load_whisper(cfg.init_from)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--init_from: {e}")
         # a new CTC head over the text tokens (Whisper checkpoints have none) + the checkpoint's weights
         model = Whisper(dims, ctc=cfg.ctc_weight > 0, ctc_vocab=tokenizer.eot)
         missing, unexpected = model.load_state_dict(pretrained.state_dict(), strict=False)
@@ -255,6 +284,7 @@ def main(argv: list[str]) -> dict:
                          default_language=cfg.default_language, max_target_tokens=min(cfg.max_target_tokens,
                                                                                      dims.n_text_ctx),
                          ctc=cfg.ctc_weight > 0, max_frames=2 * dims.n_audio_ctx)
+    check_samples_decode(sources, decode)
     bounds = [] if pad_to_30s else bucket_bounds(sources, cfg.num_buckets, cfg.max_seconds)
     batcher = BucketBatcher(mel_seconds, cfg.max_batch_seconds, bounds)
     dataset = ShardStream(sources, decode, asr_collate(tokenizer.eot), batcher, seed=data_seed, rank=d.rank,
