@@ -304,6 +304,17 @@ def _emit(ready: list, batcher, collate, ids: dict, where: dict, counts: dict) -
 
 # ---------------------------------------------------------------- the dataset
 
+def check_stream_config(cfg) -> None:
+    """A recipe config's stream settings that the types cannot check (train_weights, resampled,
+    epoch_samples): a ConfigError naming the keys, at start rather than when the stream is built."""
+    from mm.config import ConfigError
+    if cfg.train_weights and not cfg.resampled:
+        raise ConfigError("--train_weights needs --resampled=true (weights choose shards when resampling)")
+    if cfg.resampled and cfg.epoch_samples <= 0:
+        raise ConfigError("--resampled=true needs --epoch_samples > 0: a resumed run re-reads (without decoding) "
+                          "its current epoch up to where it stopped, and an endless epoch is the whole run")
+
+
 @dataclass
 class ShardStream(torch.utils.data.IterableDataset):
     """An endless stream of batches from shards and manifests, one slice per rank and worker.

@@ -41,7 +41,7 @@ from mm.distributed import all_reduce_mean, barrier, close_distributed, init_dis
 from mm.metrics import MetricsLogger, setup_logging  # noqa: E402
 from mm.optim import param_groups, warmup_cosine  # noqa: E402
 from mm.precision import check_finite, make_precision, optimizer_step  # noqa: E402
-from mm.shards import LoaderPosition, ShardStream, expand_shard_spec, make_loader  # noqa: E402
+from mm.shards import LoaderPosition, ShardStream, check_stream_config, expand_shard_spec, make_loader  # noqa: E402
 from mm.train_state import ResumeError, resume_train_state, save_train_state  # noqa: E402
 
 log = logging.getLogger("mm.asr")
@@ -110,11 +110,7 @@ class ASRConfig:
 
 def check_config(cfg: ASRConfig) -> None:
     """What the types cannot say."""
-    if cfg.train_weights and not cfg.resampled:
-        raise ConfigError("--train_weights needs --resampled=true (weights choose shards when resampling)")
-    if cfg.resampled and cfg.epoch_samples <= 0:
-        raise ConfigError("--resampled=true needs --epoch_samples > 0: a resumed run re-reads (without decoding) "
-                          "its current epoch up to where it stopped, and an endless epoch is the whole run")
+    check_stream_config(cfg)
     for key in ("grad_accum", "max_steps", "ckpt_every", "log_every", "eval_batch_size", "num_buckets"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"--{key} must be >= 1, got {getattr(cfg, key)}")

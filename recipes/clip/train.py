@@ -34,7 +34,7 @@ from mm.losses import contrastive_accuracy  # noqa: E402
 from mm.metrics import MetricsLogger, append_jsonl, setup_logging, truncate_jsonl  # noqa: E402
 from mm.optim import param_groups, warmup_cosine  # noqa: E402
 from mm.precision import check_finite, make_precision, optimizer_step  # noqa: E402
-from mm.shards import LoaderPosition, ShardStream, expand_shard_spec, make_loader  # noqa: E402
+from mm.shards import LoaderPosition, ShardStream, check_stream_config, expand_shard_spec, make_loader  # noqa: E402
 from mm.train_state import ResumeError, full_state_dict, resume_train_state, save_train_state  # noqa: E402
 
 log = logging.getLogger("mm.clip")
@@ -90,11 +90,7 @@ class CLIPConfig:
 
 def check_config(cfg: CLIPConfig, world_size: int = 1) -> None:
     """What the types cannot say. (Allowed values of loss and precision are in their types.)"""
-    if cfg.train_weights and not cfg.resampled:
-        raise ConfigError("--train_weights needs --resampled=true (weights choose shards when resampling)")
-    if cfg.resampled and cfg.epoch_samples <= 0:
-        raise ConfigError("--resampled=true needs --epoch_samples > 0: a resumed run re-reads (without decoding) "
-                          "its current epoch up to where it stopped, and an endless epoch is the whole run")
+    check_stream_config(cfg)
     for key in ("batch_size", "grad_accum", "max_steps", "ckpt_every", "log_every"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"--{key} must be >= 1, got {getattr(cfg, key)}")
