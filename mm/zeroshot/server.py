@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from pydantic import BaseModel
 
+from mm.http import LimitRequestBody, internal_error
 from mm.zeroshot.args import add_model_args, load_classifier
 from mm.zeroshot.classifier import DEFAULT_TEMPLATES, ZeroShotClassifier, check_labels
 from mm.zeroshot.inputs import (DEFAULT_MAX_PIXELS, ImageTooLarge, NotAnImage, labels_from_text, open_image,
                                parse_templates)
 
-log = logging.getLogger("mm.zeroshot.server")
 FORM_OVERHEAD = 64 * 1024  # bytes a multipart body may carry beyond the image: boundaries, labels, templates
 MAX_LABEL_CHARS = 200  # per label or template; the tokenizer keeps far fewer tokens anyway
 MAX_TEMPLATES = 16
@@ -45,40 +43,6 @@ class Prediction(BaseModel):
 class ClassifyResponse(BaseModel):
     predictions: list[Prediction]  # best first
     model: str
-
-
-class LimitRequestBody:
-    """ASGI middleware: answer 413 for request bodies over `max_bytes`, before they are parsed or spooled.
-
-    Checks Content-Length when sent, and counts streamed bytes otherwise (chunked uploads).
-    """
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            return await self.too_large()(scope, receive, send)
-        seen = 0
-
-        async def counting_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:  # an HTTPException passes through FastAPI's body parsing as itself
-                raise HTTPException(413, self.message())
-            return message
-
-        await self.app(scope, counting_receive, send)
-
-    def message(self) -> str:
-        return f"request body over the limit of {self.max_bytes:,} bytes"
-
-    def too_large(self) -> JSONResponse:
-        return JSONResponse({"detail": self.message()}, status_code=413)
 
 
 def parse_form_labels(labels: str, templates: str | None, max_labels: int) -> tuple[list[str], list[str] | None]:
@@ -112,11 +76,6 @@ def read_upload(image: UploadFile, max_bytes: int, max_pixels: int):
         raise HTTPException(413, str(e)) from None
     except NotAnImage as e:
         raise HTTPException(415, str(e)) from None
-
-
-async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse({"detail": "internal server error (see the server log)"}, status_code=500)
 
 
 def create_app(classifier: ZeroShotClassifier, max_labels: int = 64, max_upload_bytes: int = 8_000_000,
