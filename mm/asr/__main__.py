@@ -1,0 +1,316 @@
+"""Transcribe audio files with a speech recogniser, score one on held-out shards, or serve it over HTTP.
+
+    python -m mm.asr transcribe talk.flac                                   # the text on stdout
+    python -m mm.asr transcribe recordings/ --format srt --output-dir subs  # subs/<name>.srt per file
+    python -m mm.asr transcribe a.wav --language de --task translate --format all --output-dir out
+    python -m mm.asr eval --data data/asr_synth/heldout --worst 10 --json scores.json
+    python -m mm.asr serve --checkpoint runs/asr                            # see python -m mm.asr.server
+
+The model comes from --checkpoint: a run folder of recipes/asr/train.py (default runs/asr), a Hugging
+Face Whisper folder, or an OpenAI .pt file. Folders are searched recursively for audio files
+(flac wav ogg opus mp3; m4a and webm are listed too, and fail with a message: we do not read them).
+Files found under a folder keep their subfolders under --output-dir. A bad file does not stop the run:
+the failures are listed at the end. Exit status: 0 ok; 1 some files failed, or no model; 2 bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+from mm.asr.formats import FORMATS, format_transcript, language_code
+
+WALKED_EXTENSIONS = (".flac", ".wav", ".ogg", ".opus", ".mp3", ".m4a", ".webm")
+TRAIN_HINT = "train one with `python recipes/asr/train.py`, or pass --checkpoint PATH"
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default="runs/asr", help="a run folder of recipes/asr/train.py, a Hugging Face "
+                                                            "Whisper folder or an OpenAI .pt (default: %(default)s)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="recordings decoded together "
+                                                                       "(default: %(default)s)")
+    p.add_argument("--beam-size", type=positive_int, help="beam search width (default: the transcriber's)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: the transcriber's)")
+    p.add_argument("--no-timestamps", action="store_true", help="decode without timestamp tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mm.asr", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("transcribe", help="audio files or folders to text or subtitles")
+    t.add_argument("inputs", nargs="+", help="audio files and/or folders (searched recursively)")
+    t.add_argument("--language", default="auto", help="a code (en, de, ...), an English name, or auto (detect)")
+    t.add_argument("--task", choices=("transcribe", "translate"), default="transcribe",
+                   help="translate: into English (default: %(default)s)")
+    t.add_argument("--format", choices=(*FORMATS, "all"), default="txt", help="(default: %(default)s)")
+    t.add_argument("--output-dir", help="write <output-dir>/<name>.<format> per file (default: text to stdout)")
+    add_model_args(t)
+    e = sub.add_parser("eval", help="WER, CER and language ID per language on held-out shards")
+    e.add_argument("--data", required=True, help="shards or a manifest, as the recipe's val_data")
+    e.add_argument("--language", choices=("detect", "given"), default="detect",
+                   help="decode in the detected language (end to end) or the sample's own (default: %(default)s)")
+    e.add_argument("--worst", type=positive_int, default=10, help="show the N examples with the highest CER")
+    e.add_argument("--json", help="also write the scores and the worst examples to this file")
+    add_model_args(e)
+    sub.add_parser("serve", help="the OpenAI-compatible HTTP API (its options: python -m mm.asr serve --help)",
+                   add_help=False)
+    return p
+
+
+def load_transcriber(checkpoint: str, device: str | None = None, max_seconds: float = 3600.0):
+    """Transcriber.from_checkpoint, or None after saying on stderr what is wrong (and how to get a model)."""
+    if not Path(checkpoint).exists():
+        print(f"error: no checkpoint at {checkpoint}: {TRAIN_HINT}", file=sys.stderr)
+        return None
+    from mm.asr.transcriber import Transcriber  # torch and the model code, only once there is a model to load
+
+    try:
+        return Transcriber.from_checkpoint(checkpoint, device=device, max_seconds=max_seconds)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def decoding_options(args) -> dict:
+    """The decoding options the user set; the transcriber's defaults stand for the others."""
+    return {k: v for k, v in {"beam_size": args.beam_size, "temperature": args.temperature}.items() if v is not None}
+
+
+def find_audio(inputs: list[str]) -> tuple[list[tuple[Path, str]], dict[str, str]]:
+    """([(file, output name without extension)], {input: why not}) for files and folders searched recursively."""
+    found, missing = [], {}
+    for p in map(Path, inputs):
+        if p.is_dir():
+            found += [(f, str(f.relative_to(p).with_suffix(""))) for f in sorted(p.rglob("*"))
+                      if f.is_file() and f.suffix.lower() in WALKED_EXTENSIONS]
+        elif p.is_file():
+            found.append((p, p.stem))
+        else:
+            missing[str(p)] = "no such file or folder"
+    return found, missing
+
+
+def transcribe_files(transcriber, files: list[Path], batch_size: int, on_result, **decode) -> dict[str, str]:
+    """Transcribe `files` batch by batch, calling on_result(path, transcript) for each; {path: error} for the rest."""
+    from tqdm import tqdm
+
+    from mm.media import SAMPLE_RATE, load_audio
+
+    failures = {}
+    with tqdm(total=len(files), unit="file", disable=None) as bar:
+        for i in range(0, len(files), batch_size):
+            loaded = []
+            for path in files[i:i + batch_size]:
+                try:
+                    loaded.append((path, load_audio(path, SAMPLE_RATE, transcriber.max_seconds)))
+                except (ValueError, OSError) as e:
+                    failures[str(path)] = str(e)
+            for path, result in transcribe_loaded(transcriber, loaded, batch_size, decode):
+                if isinstance(result, Exception):
+                    failures[str(path)] = describe(result)
+                    continue
+                try:
+                    on_result(path, result)
+                except OSError as e:  # an output that cannot be written
+                    failures[str(path)] = describe(e)
+            bar.update(len(files[i:i + batch_size]))
+    return failures
+
+
+def describe(e: Exception) -> str:
+    """An error as the failure list shows it: our own messages as they are, anything else with its type."""
+    return str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+
+
+def transcribe_loaded(transcriber, loaded: list, batch_size: int, decode: dict) -> list[tuple]:
+    """[(path, transcript or the exception)]: the batch at once, file by file if that fails (to find the culprit)."""
+    if not loaded:
+        return []
+    try:
+        out = transcriber.transcribe_batch([a for _, a in loaded], batch_size=batch_size, **decode)
+        return [(p, t) for (p, _), t in zip(loaded, out)]
+    except Exception as e:
+        if len(loaded) <= 1:
+            return [(p, e) for p, _ in loaded]
+        return [r for item in loaded for r in transcribe_loaded(transcriber, [item], 1, decode)]
+
+
+def unusable(transcriber, language: str | None, task: str) -> str | None:
+    """Why `transcriber` cannot do what was asked, or None."""
+    if language is not None and language not in transcriber.languages:
+        return f"{transcriber.name} does not know language {language!r} ({', '.join(transcriber.languages)})"
+    if task == "translate" and not transcriber.can_translate:
+        return f"{transcriber.name} cannot translate: it was trained to transcribe only"
+    return None
+
+
+def output_names(found: list[tuple[Path, str]], to_files: bool) -> tuple[dict[Path, str], dict[str, str]]:
+    """({file: output name}, {file: why not}): each file once, and (to_files) never two writing one output."""
+    names, owner, clashes = {}, {}, {}
+    for path, name in found:
+        if path in names:
+            continue
+        if to_files and owner.setdefault(name, path) != path:
+            clashes[str(path)] = f"its output {name}.* would overwrite that of {owner[name]}"
+        else:
+            names[path] = name
+    return names, clashes
+
+
+def write_outputs(transcript, name: str, fmts: tuple[str, ...], output_dir: str | None, header: str = "") -> None:
+    """<output_dir>/<name>.<fmt> for each format, or the first format on stdout when there is no output_dir."""
+    if output_dir is None:
+        from tqdm import tqdm
+        tqdm.write(header + format_transcript(transcript, fmts[0]), file=sys.stdout, end="")  # around the bar
+        return
+    for fmt in fmts:
+        out = Path(output_dir) / f"{name}.{fmt}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(format_transcript(transcript, fmt), encoding="utf-8")
+
+
+def run_transcribe(args) -> int:
+    fmts = FORMATS if args.format == "all" else (args.format,)
+    language = language_code(args.language)  # ValueError: a bad argument
+    found, missing = find_audio(args.inputs)
+    if not found:
+        why = "; ".join(f"{path}: {reason}" for path, reason in missing.items()) or f"none in {', '.join(args.inputs)}"
+        print(f"error: no audio files ({why})", file=sys.stderr)
+        return 2
+    transcriber = load_transcriber(args.checkpoint, args.device)
+    if transcriber is None:
+        return 1
+    if (why := unusable(transcriber, language, args.task)) is not None:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    names, clashes = output_names(found, args.output_dir is not None)
+    failures = {**missing, **clashes}
+
+    def write(path: Path, transcript) -> None:
+        header = f"==> {path} <==\n" if len(names) > 1 else ""
+        write_outputs(transcript, names[path], fmts, args.output_dir, header)
+
+    failures.update(transcribe_files(transcriber, list(names), args.batch_size, write, language=language,
+                                     task=args.task, timestamps=not args.no_timestamps, **decoding_options(args)))
+    if failures:
+        print(f"{len(failures)} of {len(names) + len(missing) + len(clashes)} inputs failed:", file=sys.stderr)
+        for path, why in failures.items():
+            print(f"  {path}: {why}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+# ---------------------------------------------------------------- eval
+
+def evaluate_transcriber(transcriber, spec: str, language: str = "detect", batch_size: int = 16, worst: int = 10,
+                         **decode) -> dict:
+    """mm.asr.metrics.asr_scores over every sample of `spec`, decoded as `transcribe` decodes, plus "rtf"
+    (decoding seconds per second of audio), "eval_utterances", "eval_audio_s" and "worst": the `worst`
+    utterances by CER. language="given" decodes in each sample's language, so LID is not measured."""
+    from mm.asr.metrics import asr_scores, error_rates, normalize_text
+    from mm.decoders import audio_decoder
+    from mm.shards import iterate_eval_batches
+
+    rows, busy_s = [], 0.0
+    read = functools.partial(read_keyed, read=audio_decoder(max_seconds=transcriber.max_seconds))
+    for batch in iterate_eval_batches(spec, read, list, batch_size):
+        groups = group_by_language(batch, transcriber, known=language == "given")  # also checks each has one
+        for lang, samples in ({None: batch} if language == "detect" else groups).items():
+            t0 = time.perf_counter()
+            out = transcriber.transcribe_batch([s["audio"].numpy() for s in samples], language=lang,
+                                               batch_size=batch_size, **decode)
+            busy_s += time.perf_counter() - t0
+            rows += [{"key": s["key"], "language": s["language"], "detected": t.language if lang is None else None,
+                      "reference": s["text"], "hypothesis": t.text.strip(), "duration": s["duration"]}
+                     for s, t in zip(samples, out)]
+    if not rows:
+        raise ValueError(f"{spec}: no usable samples (each needs audio, a transcript and a language)")
+    scores = asr_scores([r["reference"] for r in rows], [r["hypothesis"] for r in rows],
+                        [r["language"] for r in rows], [r["detected"] for r in rows] if language == "detect" else None)
+    for r in rows:
+        r["wer"], r["cer"] = error_rates([normalize_text(r["reference"], r["language"])],
+                                         [normalize_text(r["hypothesis"], r["language"])])
+    audio_s = sum(r["duration"] for r in rows)
+    return {**scores, "rtf": busy_s / audio_s, "eval_utterances": len(rows), "eval_audio_s": audio_s,
+            "worst": sorted(rows, key=lambda r: -r["cer"])[:worst]}
+
+
+def read_keyed(sample: dict, read) -> dict:
+    """read(sample) with the sample's key, so that the worst examples can be found in the shards."""
+    return {**read(sample), "key": sample.get("__key__")}
+
+
+def group_by_language(samples: list[dict], transcriber, known: bool) -> dict[str, list[dict]]:
+    """{language: its samples}; ValueError for a sample without a language, or (known) one the model lacks."""
+    groups = {}
+    for s in samples:
+        if s["language"] is None:
+            raise ValueError("a sample without a language: scores are per language (set it in the shards)")
+        if known and s["language"] not in transcriber.languages:
+            raise ValueError(f"a sample in language {s['language']!r}, which {transcriber.name} does not know")
+        groups.setdefault(s["language"], []).append(s)
+    return groups
+
+
+def format_eval(result: dict) -> str:
+    """The per-language table, the real-time factor, and the worst examples."""
+    from mm.asr.metrics import format_scores
+
+    lines = [format_scores(result), f"real-time factor {result['rtf']:.4f} ({result['eval_utterances']} "
+                                    f"utterances, {result['eval_audio_s']:.1f} s of audio)"]
+    if result["worst"]:
+        lines.append(f"worst {len(result['worst'])} by CER:")
+    for r in result["worst"]:
+        heard = "" if r["detected"] in (None, r["language"]) else f", heard as {r['detected']}"
+        lines += [f"  CER {r['cer']:.3f}  WER {r['wer']:.3f}  {r['language']}{heard}  ({r['key']})",
+                  f"    reference:  {r['reference']}", f"    hypothesis: {r['hypothesis']}"]
+    return "\n".join(lines)
+
+
+def run_eval(args) -> int:
+    transcriber = load_transcriber(args.checkpoint, args.device)
+    if transcriber is None:
+        return 1
+    result = evaluate_transcriber(transcriber, args.data, args.language, args.batch_size, args.worst,
+                                  timestamps=not args.no_timestamps, **decoding_options(args))
+    print(format_eval(result))
+    if args.json:
+        about = {"checkpoint": args.checkpoint, "model": transcriber.name, "data": args.data,
+                 "language": args.language, "timestamps": not args.no_timestamps, **decoding_options(args)}
+        Path(args.json).write_text(json.dumps({**about, **result}, indent=1, ensure_ascii=False) + "\n",
+                                   encoding="utf-8")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        from mm.asr.server import main as serve
+        return serve(argv[1:], prog="python -m mm.asr serve")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "transcribe" and args.format == "all" and args.output_dir is None:
+        parser.error("--format all needs --output-dir")
+    if not Path(args.checkpoint).exists():  # first: without a model nothing else matters
+        print(f"error: no checkpoint at {args.checkpoint}: {TRAIN_HINT}", file=sys.stderr)
+        return 1
+    try:
+        return run_transcribe(args) if args.command == "transcribe" else run_eval(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

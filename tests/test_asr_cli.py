@@ -1,0 +1,190 @@
+"""python -m mm.asr: transcribe files and folders into every format, past bad files; score on shards. Against
+tests.asr_fakes' stand-in transcriber (the real one is tested end to end with a trained checkpoint)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mm.asr.__main__ import main
+from tests.asr_fakes import FakeTranscriber, install_fake_transcriber, wav_bytes, write_audio
+from tests.helpers import ROOT, SUBPROCESS_ENV, write_tar
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    (tmp_path / "run").mkdir()
+    return str(tmp_path / "run")
+
+
+def test_one_file_to_stdout(tmp_path, ckpt, monkeypatch, capsys):
+    made = install_fake_transcriber(monkeypatch)
+    audio = write_audio(tmp_path / "talk.wav")
+    assert main(["transcribe", str(audio), "--checkpoint", ckpt]) == 0
+    out = capsys.readouterr()
+    assert out.out == "hello\nworld\n" and out.err == ""
+    assert made[0].calls == [{"n": 1, "language": None, "task": "transcribe", "timestamps": True, "batch_size": 16}]
+    assert main(["transcribe", str(audio), "--checkpoint", ckpt, "--format", "srt"]) == 0
+    assert capsys.readouterr().out == ("1\n00:00:00,000 --> 00:00:00,500\nhello\n\n"
+                                       "2\n00:00:00,500 --> 00:00:01,000\nworld\n\n")
+
+
+def test_a_folder_into_every_format_past_bad_files(tmp_path, ckpt, monkeypatch, capsys):
+    install_fake_transcriber(monkeypatch)
+    rec = tmp_path / "rec"
+    write_audio(rec / "a.wav")
+    write_audio(rec / "b.flac", seconds=2.0, peak=0.25)  # the fake hears Russian
+    write_audio(rec / "sub" / "c.ogg")
+    (rec / "notes.txt").write_text("not picked: not an audio extension")
+    (rec / "broken.mp3").write_bytes(b"ID3 but nothing after")
+    (rec / "empty.wav").write_bytes(b"")
+    (rec / "phone.m4a").write_bytes(b"\0\0\0\x20ftypM4A ")
+    out = tmp_path / "out"
+    rc = main(["transcribe", str(rec), str(tmp_path / "missing.wav"), "--checkpoint", ckpt, "--format", "all",
+               "--output-dir", str(out), "--batch-size", "2"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == sorted(f"{name}.{ext}" for name in ("a", "b", "sub/c")
+                             for ext in ("txt", "json", "srt", "vtt", "tsv"))
+    assert (out / "b.txt").read_text(encoding="utf-8") == "привет\nмир\n"
+    assert json.loads((out / "b.json").read_text(encoding="utf-8"))["language"] == "ru"
+    assert (out / "sub" / "c.vtt").read_text().startswith("WEBVTT\n\n00:00.000 --> 00:00.500\nhello\n")
+    assert (out / "a.tsv").read_text() == "start\tend\ttext\n0\t500\thello\n500\t1000\tworld\n"
+    assert "4 of 7 inputs failed:" in err, err
+    for name, words in [("broken.mp3", "not audio"), ("empty.wav", "empty"), ("phone.m4a", "not audio"),
+                        ("missing.wav", "no such file or folder")]:
+        assert any(name in line and words in line for line in err.splitlines()), (name, err)
+    assert "Traceback" not in err
+
+
+def test_decoding_options_reach_the_transcriber(tmp_path, ckpt, monkeypatch, capsys):
+    made = install_fake_transcriber(monkeypatch)
+    files = [str(write_audio(tmp_path / f"{i}.wav")) for i in range(3)]
+    rc = main(["transcribe", *files, "--checkpoint", ckpt, "--language", "Russian", "--beam-size", "5",
+               "--temperature", "0.2", "--no-timestamps", "--batch-size", "2", "--device", "cpu"])
+    assert rc == 0
+    assert made[0].device == "cpu"
+    assert made[0].calls == [{"n": n, "language": "ru", "task": "transcribe", "timestamps": False, "batch_size": 2,
+                              "beam_size": 5, "temperature": 0.2} for n in (2, 1)]
+    out = capsys.readouterr().out
+    assert out.count("==> ") == 3 and f"==> {files[1]} <==\nпривет мир\n" in out
+
+
+@pytest.mark.parametrize("args, status, words", [
+    (["--language", "de"], 2, "does not know language 'de' (en, ru, el)"),
+    (["--language", "klingon"], 2, "unknown language 'klingon'"),
+    (["--task", "translate"], 2, "cannot translate"),
+    (["--checkpoint", "nowhere/asr"], 1, "no checkpoint at nowhere/asr: train one with `python recipes/asr/train.py`"),
+])
+def test_unusable_requests_say_why_before_any_file_is_read(tmp_path, ckpt, monkeypatch, capsys, args, status, words):
+    made = install_fake_transcriber(monkeypatch, can_translate=False)
+    audio = write_audio(tmp_path / "talk.wav")
+    assert main(["transcribe", str(audio), "--checkpoint", ckpt, *args]) == status
+    assert words in capsys.readouterr().err
+    assert all(not m.calls for m in made)
+
+
+def test_argument_errors(tmp_path, ckpt, monkeypatch, capsys):
+    install_fake_transcriber(monkeypatch)
+    audio = str(write_audio(tmp_path / "talk.wav"))
+    for args, words in [(["--format", "all"], "--format all needs --output-dir"),
+                        (["--format", "docx"], "invalid choice"), (["--batch-size", "0"], "must be at least 1")]:
+        with pytest.raises(SystemExit) as e:
+            main(["transcribe", audio, "--checkpoint", ckpt, *args])
+        assert e.value.code == 2 and words in capsys.readouterr().err
+    (tmp_path / "nothing").mkdir()
+    assert main(["transcribe", str(tmp_path / "nothing"), "--checkpoint", ckpt]) == 2
+    assert "no audio files (none in " in capsys.readouterr().err
+    assert main(["transcribe", str(tmp_path / "gone.wav"), "--checkpoint", ckpt]) == 2
+    assert f"no audio files ({tmp_path / 'gone.wav'}: no such file or folder)" in capsys.readouterr().err
+
+
+def test_outputs_that_would_collide_are_not_overwritten(tmp_path, ckpt, monkeypatch, capsys):
+    install_fake_transcriber(monkeypatch)
+    a, b = write_audio(tmp_path / "x" / "talk.wav"), write_audio(tmp_path / "y" / "talk.wav", peak=0.25)
+    out = tmp_path / "out"
+    assert main(["transcribe", str(a), str(b), str(a), "--checkpoint", ckpt, "--output-dir", str(out)]) == 1
+    assert (out / "talk.txt").read_text() == "hello\nworld\n"  # a's, written once
+    err = capsys.readouterr().err
+    assert "1 of 2 inputs failed" in err and f"{b}: its output talk.* would overwrite that of {a}" in err
+
+
+class FailsOnLongAudio(FakeTranscriber):
+    """A model error on one file (any over 1.5 s) in a batch."""
+
+    def transcribe_batch(self, audios, *args, **kwargs):
+        if any(len(a) > 1.5 * 16000 for a in audios):
+            raise RuntimeError("CUDA out of memory (pretend)")
+        return super().transcribe_batch(audios, *args, **kwargs)
+
+
+def test_a_model_error_fails_its_file_only(tmp_path, ckpt, monkeypatch, capsys):
+    install_fake_transcriber(monkeypatch, cls=FailsOnLongAudio)
+    files = [write_audio(tmp_path / "a.wav"), write_audio(tmp_path / "long.wav", seconds=2.0),
+             write_audio(tmp_path / "c.wav")]
+    out = tmp_path / "out"
+    assert main(["transcribe", *map(str, files), "--checkpoint", ckpt, "--output-dir", str(out)]) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt", "c.txt"]
+    assert f"{files[1]}: RuntimeError: CUDA out of memory (pretend)" in capsys.readouterr().err
+
+
+def test_runs_as_a_program_and_says_how_to_get_a_model(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mm.asr", "transcribe", "a.wav"], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, **SUBPROCESS_ENV, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "no checkpoint at runs/asr: train one with `python recipes/asr/train.py`" in proc.stderr
+
+
+# ---------------------------------------------------------------- eval
+
+def heldout_shard(path):
+    """Six utterances: en said right, en said wrong, ru said right but heard as en, ru right, el right x2."""
+    items = [("en", "Hello, world!", 0.5), ("en", "goodbye moon", 0.5), ("ru", "привет мир", 0.5),
+             ("ru", "привет мир", 0.25), ("el", "γεια σου κόσμε", 0.75),
+             ("el", "Γεια σου, κόσμε.", 0.75)]
+    return write_tar(path, [{"__key__": f"{i:03d}", "wav": wav_bytes(1.0 + i / 10, peak=peak),
+                             "json": json.dumps({"text": text, "language": lang})}
+                            for i, (lang, text, peak) in enumerate(items)])
+
+
+def test_eval_scores_per_language_with_the_worst_examples(tmp_path, ckpt, monkeypatch, capsys):
+    made = install_fake_transcriber(monkeypatch)
+    shard = heldout_shard(tmp_path / "heldout.tar")
+    rc = main(["eval", "--data", str(shard), "--checkpoint", ckpt, "--worst", "2", "--json", str(tmp_path / "s.json"),
+               "--batch-size", "4"])
+    assert rc == 0
+    result = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
+    assert result["eval_utterances"] == 6 and result["eval_audio_s"] == pytest.approx(7.5)
+    assert result["n/en"] == 2 and result["wer/en"] == 0.5 and result["cer/el"] == 0.0  # corpus-level: 2 of 4 words
+    assert result["lid_acc/ru"] == 0.5 and result["lid_acc"] == pytest.approx(5 / 6) and result["wer/ru"] == 0.5
+    assert result["rtf"] > 0 and result["model"] == "fake:run" and result["language"] == "detect"
+    worst = result["worst"]
+    assert [(w["reference"], w["hypothesis"]) for w in worst] == [("привет мир", "hello world"),
+                                                                  ("goodbye moon", "hello world")]
+    assert worst[0]["cer"] == pytest.approx(1.1) and worst[0]["detected"] == "en" and worst[0]["key"] == "002"
+    out = capsys.readouterr().out
+    assert "language" in out and "real-time factor" in out and "worst 2 by CER" in out
+    assert "ru, heard as en  (002)" in out
+    assert [c["n"] for c in made[0].calls] == [4, 2]
+
+
+def test_eval_in_the_given_language(tmp_path, ckpt, monkeypatch, capsys):
+    made = install_fake_transcriber(monkeypatch)
+    shard = heldout_shard(tmp_path / "heldout.tar")
+    assert main(["eval", "--data", str(shard), "--checkpoint", ckpt, "--language", "given", "--worst", "1"]) == 0
+    calls = made[0].calls
+    assert sorted((c["language"], c["n"]) for c in calls) == [("el", 2), ("en", 2), ("ru", 2)]
+    out = capsys.readouterr().out
+    assert "goodbye moon" in out and "привет" not in out.split("worst")[1]  # Russian is right when given
+    install_fake_transcriber(monkeypatch, languages=("en", "ru"))
+    assert main(["eval", "--data", str(shard), "--checkpoint", ckpt, "--language", "given"]) == 2
+    assert "language 'el', which fake:run does not know" in capsys.readouterr().err
+
+
+def test_eval_on_nothing_usable(tmp_path, ckpt, monkeypatch, capsys):
+    install_fake_transcriber(monkeypatch)
+    shard = write_tar(tmp_path / "bad.tar", [{"__key__": "000", "wav": b"not audio", "txt": "x"}])
+    assert main(["eval", "--data", str(shard), "--checkpoint", ckpt]) == 2
+    assert "no usable samples" in capsys.readouterr().err
