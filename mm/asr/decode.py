@@ -49,7 +49,8 @@ class DecodingOptions:
     prompt: str | list[int] | None = None  # previous text (after <|startofprev|>), as context
     prefix: str | list[int] | None = None  # text the transcript of this window begins with
     suppress_tokens: str | Sequence[int] | None = "-1"  # ids never generated; "-1": the non-speech symbols
-    suppress_blank: bool = True  # no space nor eot as the first token
+    suppress_blank: bool = True  # no space nor eot as the first token (False for a BPE that writes a word's
+    # leading space as a token of its own, as recipes/asr's small ones often do)
     without_timestamps: bool = False  # text only (<|notimestamps|>)
     max_initial_timestamp: float | None = 1.0  # seconds: the latest the first timestamp may be
 

@@ -83,7 +83,7 @@ class TranscribeOptions:
     patience: float | None = None
     length_penalty: float | None = None
     suppress_tokens: str | Sequence[int] | None = "-1"
-    suppress_blank: bool = True
+    suppress_blank: bool = True  # False for small BPEs that write a word's leading space alone (recipes/asr's)
     max_initial_timestamp: float | None = 1.0
     sample_len: int | None = None
     # --- ours

@@ -121,7 +121,9 @@ class Transcriber:
         tokenizer/), a Hugging Face Whisper folder, or an OpenAI-format .pt file (its tokenizer from files
         beside it, else OpenAI's vocabulary). A checkpoint of one of our runs (the folder, its exports or
         its checkpoints) takes its settings from the run's config.yaml: a model trained from scratch on
-        unpadded clips decodes unpadded windows, and is not offered translation (it never saw the task)."""
+        unpadded clips decodes unpadded windows; its own small BPE often writes a word's leading space as a
+        token of its own, so the blank first token is allowed (suppress_blank=False); and it is not offered
+        translation (the recipe never trains it)."""
         model, tokenizer, run = load_model_and_tokenizer(path)
         path = Path(path)
         defaults, can_translate, name = {}, None, path.stem if path.is_file() else path.name
@@ -130,8 +132,9 @@ class Transcriber:
             name = run.name
             pad = config.get("pad_to_30s", "auto")
             defaults["pad_to_30s"] = pad == "true" or (pad == "auto" and bool(config.get("init_from")))
-            if not config.get("init_from"):
-                can_translate = False
+            if not config.get("init_from"):  # trained from scratch, with a BPE of its own
+                can_translate = False  # the recipe never trains <|translate|>
+                defaults["suppress_blank"] = False  # its BPE often writes a word's leading space alone
         return cls(model, tokenizer, name=name, device=device, max_seconds=max_seconds,
                    can_translate=can_translate, defaults=defaults)
 
