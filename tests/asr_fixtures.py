@@ -53,7 +53,8 @@ def training_clips(run: Path) -> list[tuple[np.ndarray, dict]]:
     return clips
 
 
-def concatenate(clips: list[np.ndarray], gap_seconds: float, sample_rate: int = 16000) -> tuple[np.ndarray, list[float]]:
+def concatenate(clips: list[np.ndarray], gap_seconds: float,
+                sample_rate: int = 16000) -> tuple[np.ndarray, list[float]]:
     """The clips with gap_seconds of silence before each: (audio, each clip's start in seconds)."""
     gap = np.zeros(round(gap_seconds * sample_rate), dtype=np.float32)
     pieces, starts, n = [], [], 0

@@ -9,8 +9,8 @@ same weights (tests/test_asr_decoding.py checks them token for token). Differenc
 
 - rows are independent: each window may bring its own prompt (`prompts=`) and language (`languages=`), the
   shorter prompts left-padded and masked; rows, and beam groups, leave the batch as soon as they are done,
-  so a window's result never depends on what else is in its batch (in openai's, a batch's beam search
-  runs until every window is done, which changes the result when patience < 1);
+  so a window's result does not depend on what else is in its batch, up to float rounding (in openai's, a
+  batch's beam search runs until every window is done, which changes the result when patience < 1);
 - `mel_lengths` lets the encoder hear only each window's own frames (models trained on unpadded clips);
 - an empty candidate is scored as one token long instead of dividing by zero.
 
@@ -266,17 +266,38 @@ def sample_search(rows: DecodingRows, first_logits: Tensor, n_audio: int, group:
     return [[found[w * group + j] for j in range(group)] for w in range(n_audio)]
 
 
+def expand_beams(generated: list[list[int]], scores: list[list[float]], tokens: list[list[int]], eot: int,
+                 beam_size: int) -> tuple[list[tuple[tuple, float, int]], dict[tuple, float]]:
+    """One window's beam step (whisper's BeamSearchDecoder.update): its beams' sequences so far
+    (`generated`), each beam's beam_size + 1 likeliest next tokens and their cumulative scores, ranked
+    together. Returns (the beam_size best unfinished continuations as (sequence, score, beam),
+    {finished sequence: score} for those ending in eot that ranked before the last one kept)."""
+    score_of, beam_of = {}, {}
+    for beam, (prefix, row_scores, row_tokens) in enumerate(zip(generated, scores, tokens)):
+        for score, token in zip(row_scores, row_tokens):
+            sequence = tuple(prefix + [token])
+            score_of[sequence], beam_of[sequence] = score, beam
+    kept, finished = [], {}
+    for sequence in sorted(score_of, key=score_of.get, reverse=True):
+        if sequence[-1] == eot:
+            finished[sequence] = score_of[sequence]
+        else:
+            kept.append((sequence, score_of[sequence], beam_of[sequence]))
+            if len(kept) == beam_size:
+                break
+    return kept, finished
+
+
 def beam_search(rows: DecodingRows, first_logits: Tensor, n_audio: int, beam_size: int, patience: float | None,
                 filters: list[LogitFilter], eot: int, sample_len: int, n_ctx: int) -> Candidates:
-    """whisper's BeamSearchDecoder over n_audio windows of beam_size rows each: every beam proposes its
-    beam_size + 1 likeliest tokens; the beam_size best unfinished sequences go on, finished ones (ending in
-    eot) are collected, best first, up to round(beam_size * patience). A window is done when it has that
-    many, after sample_len tokens, or once longer than n_ctx; if it has fewer than beam_size finished then,
-    its live beams fill up, best first."""
+    """whisper's BeamSearchDecoder over n_audio windows of beam_size rows each (see expand_beams): finished
+    sequences are collected, best first, up to round(beam_size * patience). A window is done when it has
+    that many, after sample_len tokens, or once longer than n_ctx, and leaves the batch; if it has fewer
+    than beam_size finished then, its live beams fill up, best first."""
     max_candidates = round(beam_size * (patience or 1.0))
     finished: list[dict[tuple, float]] = [{} for _ in range(n_audio)]
     windows = list(range(n_audio))  # the window of each group of beam_size rows, in row order
-    sums = torch.zeros(len(rows), device=first_logits.device)
+    sums = torch.zeros(len(rows), device=first_logits.device)  # float32, as openai's: the same sums, ranks, ties
     logits = first_logits
     for step in range(sample_len):
         if step:
@@ -284,35 +305,24 @@ def beam_search(rows: DecodingRows, first_logits: Tensor, n_audio: int, beam_siz
         for apply in filters:
             apply(logits, rows.tokens)
         top_logprobs, top_tokens = F.log_softmax(logits.float(), dim=-1).topk(beam_size + 1)
-        scores_all, tokens_all = (sums[:, None] + top_logprobs).tolist(), top_tokens.tolist()  # float32 sums
+        scores, tokens = (sums[:, None] + top_logprobs).tolist(), top_tokens.tolist()
         generated, lengths = rows.generated(), rows.lengths().tolist()
         sources, next_tokens, next_sums, still = [], [], [], []
         for g, window in enumerate(windows):
-            scores, origin = {}, {}
-            for row in range(g * beam_size, (g + 1) * beam_size):
-                for score, token in zip(scores_all[row], tokens_all[row]):
-                    sequence = tuple(generated[row] + [token])
-                    scores[sequence], origin[sequence] = score, row
-            kept, newly_finished = [], {}
-            for sequence in sorted(scores, key=scores.get, reverse=True):
-                if sequence[-1] == eot:
-                    newly_finished[sequence] = scores[sequence]
-                else:
-                    kept.append(sequence)
-                    if len(kept) == beam_size:
-                        break
+            beams = slice(g * beam_size, (g + 1) * beam_size)
+            kept, newly_finished = expand_beams(generated[beams], scores[beams], tokens[beams], eot, beam_size)
             for sequence in sorted(newly_finished, key=newly_finished.get, reverse=True):
                 if len(finished[window]) >= max_candidates:
                     break
                 finished[window][sequence] = newly_finished[sequence]
-            last_step = step == sample_len - 1 or lengths[g * beam_size] + 1 > n_ctx
-            if len(finished[window]) >= max_candidates or last_step:
-                _fill_with_live(finished[window], [(s, scores[s]) for s in kept], beam_size, eot)
+            if (len(finished[window]) >= max_candidates or step == sample_len - 1
+                    or lengths[g * beam_size] + 1 > n_ctx):
+                _fill_with_live(finished[window], [(s, score) for s, score, _ in kept], beam_size, eot)
                 continue
             still.append(window)
-            sources += [origin[s] for s in kept]
-            next_tokens += [s[-1] for s in kept]
-            next_sums += [scores[s] for s in kept]
+            sources += [g * beam_size + beam for *_, beam in kept]
+            next_tokens += [s[-1] for s, *_ in kept]
+            next_sums += [score for _, score, _ in kept]
         if not still:
             break
         windows = still

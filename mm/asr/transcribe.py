@@ -283,6 +283,8 @@ def transcribe_many(model: Whisper, tokenizer, audios: Sequence[np.ndarray], lan
                                                           {"beam_size": None, "patience": None})), tokenizer)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not isinstance(options.temperature, (int, float)) and not options.temperature:
+        raise ValueError("temperature: give at least one (a number or a tuple of them)")
     audios = [np.asarray(a, dtype=np.float32).reshape(-1) for a in audios]
     durations = [len(a) / SAMPLE_RATE for a in audios]
     maps: list[TimeMap | None] = [None] * len(audios)

@@ -67,7 +67,8 @@ def load_model_and_tokenizer(path: str | Path) -> tuple[Whisper, AsrTokenizer, P
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint (a run folder, a Hugging Face Whisper folder or a .pt file)")
+        raise FileNotFoundError(f"{path}: no such checkpoint (a run folder, a Hugging Face Whisper folder or a "
+                                ".pt file)")
     run = _find_run(path)
     if path.is_dir() and not (path / "config.json").is_file() and run == path:
         if (path / "export" / "hf" / "config.json").is_file():
@@ -146,7 +147,11 @@ class Transcriber:
         if isinstance(audio, (str, Path, bytes, bytearray)):
             return load_audio(audio, SAMPLE_RATE, max_seconds=self.max_seconds,
                               name=name if isinstance(audio, (bytes, bytearray)) else None)
-        samples = np.asarray(audio, dtype=np.float32)
+        samples = np.asarray(audio)
+        if not np.issubdtype(samples.dtype, np.floating):
+            raise ValueError(f"{name or 'audio'}: samples must be floats in -1..1 at {SAMPLE_RATE} Hz, got "
+                             f"{samples.dtype} (pass encoded audio as bytes or a path)")
+        samples = samples.astype(np.float32, copy=False)
         if samples.ndim != 1:
             raise ValueError(f"{name or 'audio'}: samples must be mono [T], got shape {samples.shape}")
         if samples.size == 0:
