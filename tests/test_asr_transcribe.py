@@ -448,3 +448,19 @@ def test_transcriber_refuses_what_it_cannot_do(trained_run, tmp_path):
         asr.transcribe(np.zeros(0, dtype=np.float32))
     with pytest.raises(FileNotFoundError):
         Transcriber.from_checkpoint(tmp_path / "nothing")
+
+
+def test_transcriber_reads_an_openai_checkpoint_with_openai_vocabulary(tmp_path):
+    """A .pt with OpenAI's multilingual vocabulary and no tokenizer beside it: openai-whisper's tiktoken file."""
+    from mm.asr.convert import export_openai
+    from mm.asr.model import MULTILINGUAL_VOCAB, Whisper, dims_for
+    from mm.asr.transcriber import Transcriber
+
+    torch.manual_seed(0)
+    export_openai(Whisper(dims_for("cpu_tiny", n_vocab=MULTILINGUAL_VOCAB)), tmp_path / "openai-tiny.pt")
+    asr = Transcriber.from_checkpoint(tmp_path / "openai-tiny.pt", device="cpu")
+    assert asr.name == "openai-tiny" and len(asr.languages) == 99 and asr.can_translate and asr.defaults == {}
+    assert asr.tokenizer.vocab_size == MULTILINGUAL_VOCAB
+    got = asr.transcribe(np.random.default_rng(0).normal(0, 0.1, SR).astype(np.float32), language="German",
+                         task="translate", temperature=0.0, sample_len=4)
+    assert got.language == "de" and got.language_prob == 1.0 and got.duration == 1.0
