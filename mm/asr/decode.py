@@ -1,18 +1,427 @@
-"""Batched decoding with the KV cache: language detection and greedy search (whisper.decoding's, in brief).
+"""Decoding one 30-second window per row, batched, with the KV cache: whisper.decoding's, in small parts.
 
-Both take audio features already encoded (`model.embed_audio(mel, mel_lengths)`), so one encoder pass can serve
-language detection and transcription. Token ids (sot, eot, language and timestamp tokens) are the tokenizer's
-business: they come in as arguments.
+    results = decode(model, tokenizer, mel, DecodingOptions(language="en", beam_size=5))
+
+`decode` runs language detection (unless the language is given), then greedy search, temperature sampling
+(best of N) or beam search (with patience and a length penalty), applying mm.asr.logit_filters at each
+step, and ranks each window's candidates by likelihood. Its results equal whisper.decoding.decode's on the
+same weights (tests/test_asr_decoding.py checks them token for token). Differences, all deliberate:
+
+- rows are independent: each window may bring its own prompt (`prompts=`) and language (`languages=`), the
+  shorter prompts left-padded and masked; rows, and beam groups, leave the batch as soon as they are done,
+  so a window's result does not depend on what else is in its batch, up to float rounding (in openai's, a
+  batch's beam search runs until every window is done, which changes the result when patience < 1);
+- `mel_lengths` lets the encoder hear only each window's own frames (models trained on unpadded clips);
+- an empty candidate is scored as one token long instead of dividing by zero.
+
+`detect_language` and `greedy_decode` are the lean versions the training recipe's evaluation uses.
 """
 from __future__ import annotations
 
+import math
+import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from mm.asr.logit_filters import LogitFilter, build_logit_filters
 from mm.asr.model import KVCache, Whisper
+from mm.asr.tokenizer import LANGUAGES, TASKS
 
+CHUNK_SECONDS = 30  # what the encoder's n_audio_ctx positions span: 0.02 s each at 1500
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """whisper.decoding.DecodingOptions, less fp16 (the model's own dtype is used)."""
+    task: str = "transcribe"  # "transcribe" (X -> X) or "translate" (X -> English)
+    language: str | None = None  # a language code; None: detected from each window
+    temperature: float = 0.0  # 0: greedy or beam search; > 0: sampling
+    sample_len: int | None = None  # most tokens to generate (None: n_text_ctx // 2)
+    best_of: int | None = None  # independent samples per window when temperature > 0, the likeliest kept
+    beam_size: int | None = None  # beams when temperature == 0 (None: greedy)
+    patience: float | None = None  # beam search stops after round(beam_size * patience) finished candidates
+    length_penalty: float | None = None  # ranking: None divides the log probability by the length; alpha in
+    # [0, 1] by ((5 + length) / 6) ** alpha (Google NMT)
+    prompt: str | list[int] | None = None  # previous text (after <|startofprev|>), as context
+    prefix: str | list[int] | None = None  # text the transcript of this window begins with
+    suppress_tokens: str | Sequence[int] | None = "-1"  # ids never generated; "-1": the non-speech symbols
+    suppress_blank: bool = True  # no space nor eot as the first token (False for a BPE that writes a word's
+    # leading space as a token of its own, as recipes/asr's small ones often do)
+    without_timestamps: bool = False  # text only (<|notimestamps|>)
+    max_initial_timestamp: float | None = 1.0  # seconds: the latest the first timestamp may be
+
+
+@dataclass(frozen=True)
+class DecodingResult:
+    language: str
+    language_probs: dict[str, float] | None = None  # when detected: every language's probability
+    tokens: list[int] = field(default_factory=list)  # generated, without the prompt and eot
+    text: str = ""
+    avg_logprob: float = math.nan  # sum of the tokens' log probabilities (eot's included) / (len(tokens) + 1)
+    no_speech_prob: float = math.nan  # P(<|nospeech|>) at the <|startoftranscript|> position
+    temperature: float = math.nan
+    compression_ratio: float = math.nan
+
+
+def compression_ratio(text: str) -> float:
+    """UTF-8 bytes of `text` over its zlib-compressed bytes: ~1 for fresh text, > 2.4 for a loop of repeats."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data))
+
+
+def check_options(options: DecodingOptions, tokenizer) -> None:
+    """ValueError for settings whisper.decoding refuses, and for what this tokenizer cannot do."""
+    if options.task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {options.task!r}")
+    if options.task == "translate" and (getattr(tokenizer, "translate", None) is None or not tokenizer.languages):
+        raise ValueError("this tokenizer cannot translate: it has no <|translate|> token or no language tokens")
+    if options.beam_size is not None and options.best_of is not None:
+        raise ValueError("beam_size and best_of can't be given together")
+    if options.temperature == 0 and options.best_of is not None:
+        raise ValueError("best_of with greedy sampling (temperature 0) is not compatible")
+    if options.patience is not None and options.beam_size is None:
+        raise ValueError("patience requires beam_size to be given")
+    if options.length_penalty is not None and not 0 <= options.length_penalty <= 1:
+        raise ValueError("length_penalty (alpha) should be a value between 0 and 1")
+    for key in ("beam_size", "best_of", "sample_len"):
+        if getattr(options, key) is not None and getattr(options, key) < 1:
+            raise ValueError(f"{key} must be at least 1, got {getattr(options, key)}")
+    if options.beam_size is not None and round(options.beam_size * (options.patience or 1.0)) < 1:
+        raise ValueError(f"beam_size {options.beam_size} x patience {options.patience} leaves no candidate")
+
+
+def resolve_language(tokenizer, language: str | None) -> str | None:
+    """A language code this tokenizer has a token for, from a code or an English name ("German");
+    ValueError naming the accepted codes otherwise. None stays None (detect)."""
+    if language is None:
+        return None
+    code = language.lower()
+    names = {name: c for c, name in LANGUAGES.items()}
+    code = names.get(code, code)
+    if code not in tokenizer.languages:
+        raise ValueError(f"unknown language {language!r}; this model knows {', '.join(tokenizer.languages) or 'none'}")
+    return code
+
+
+def initial_tokens(tokenizer, sot_sequence: list[int], n_ctx: int, sample_len: int,
+                   prompt: str | list[int] | None = None, prefix: str | list[int] | None = None) -> list[int]:
+    """[<|startofprev|> + prompt's last n_ctx // 2 - 1 tokens] + sot_sequence + prefix (as whisper.decoding:
+    text is encoded with one leading space; the prefix keeps its last n_ctx // 2 - sample_len tokens when
+    that is positive)."""
+    tokens = list(sot_sequence)
+    if prefix:
+        prefix_tokens = tokenizer.encode(" " + prefix.strip()) if isinstance(prefix, str) else list(prefix)
+        room = n_ctx // 2 - sample_len
+        tokens += prefix_tokens[-room:] if room > 0 else prefix_tokens
+    if prompt:
+        prompt_tokens = tokenizer.encode(" " + prompt.strip()) if isinstance(prompt, str) else list(prompt)
+        tokens = [tokenizer.sot_prev] + prompt_tokens[-(n_ctx // 2 - 1):] + tokens
+    return tokens
+
+
+def rank_candidates(candidates: list[tuple[list[int], float]], length_penalty: float | None) -> int:
+    """Index of the best (tokens, sum of log probabilities) by whisper's MaximumLikelihoodRanker: the sum
+    over the length (length_penalty None) or over ((5 + length) / 6) ** length_penalty; first best on ties."""
+    def score(tokens: list[int], logprob: float) -> float:
+        length = max(len(tokens), 1)  # an empty candidate: openai divides by zero here
+        return logprob / (length if length_penalty is None else ((5 + length) / 6) ** length_penalty)
+
+    scores = [score(t, lp) for t, lp in candidates]
+    return scores.index(max(scores))
+
+
+# ---------------------------------------------------------------- the rows being decoded
+
+def decoder_logits(model: Whisper, tokens: Tensor, audio_features: Tensor, audio_mask: Tensor | None,
+                   cache: KVCache, pad: Tensor | None) -> Tensor:
+    """model.logits for left-padded rows: tokens [N, n] follow cache.offset earlier columns; row r's first
+    pad[r] columns are padding, so its tokens take positions column - pad[r] and padding is never attended
+    to: each row's logits equal those of the row decoded alone. pad None: no padding (model.logits itself).
+    Returns [N, n, n_vocab] float. (TextDecoder.forward with per-row positions and a key mask.)"""
+    if pad is None:
+        return model.logits(tokens, audio_features, audio_mask, cache)
+    decoder, offset, n = model.decoder, cache.offset, tokens.shape[1]
+    columns = offset + torch.arange(n, device=tokens.device)  # [n]
+    positions = (columns[None, :] - pad[:, None]).clamp(min=0)  # [N, n]; padding takes position 0
+    if int(positions.max()) >= decoder.positional_embedding.shape[0]:
+        raise ValueError(f"a row reaches position {int(positions.max())}, past n_text_ctx="
+                         f"{decoder.positional_embedding.shape[0]}")
+    x = (decoder.token_embedding(tokens) + decoder.positional_embedding[positions]).to(audio_features.dtype)
+    keys = torch.arange(offset + n, device=tokens.device)[None, None, :]  # [1, 1, S]
+    # causal and never to padding; a padding column sees itself, so no softmax is over nothing (NaN)
+    allowed = (keys <= columns[None, :, None]) & (keys >= pad[:, None, None]) | (keys == columns[None, :, None])
+    cross_mask = audio_mask[:, None, None, :] if audio_mask is not None else None
+    for i, block in enumerate(decoder.blocks):
+        x = block(x, audio_features, mask=allowed[:, None], xa_mask=cross_mask, cache=cache.layer(i))
+    cache.offset += n
+    x = decoder.ln(x)
+    return (x @ decoder.token_embedding.weight.to(x.dtype).T).float()
+
+
+class DecodingRows:
+    """The rows of one decoding call: tokens [N, L] (initial tokens left-padded to a common length, then
+    what was generated), each row's padding and audio, and the KV cache. `logits()` runs the decoder on
+    the columns not yet cached; `append` adds a column, `select` reorders or drops rows."""
+
+    def __init__(self, model: Whisper, audio_features: Tensor, audio_mask: Tensor | None,
+                 initial: list[list[int]], pad_id: int):
+        width = max(map(len, initial))
+        device = audio_features.device
+        self.model, self.features, self.mask = model, audio_features, audio_mask
+        self.tokens = torch.tensor([[pad_id] * (width - len(t)) + t for t in initial], device=device)
+        pads = [width - len(t) for t in initial]
+        self.pad = torch.tensor(pads, device=device) if any(pads) else None
+        self.sample_begin = width  # the first generated column
+        self.cache = KVCache()
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def logits(self) -> Tensor:
+        """[N, new columns, n_vocab]: all initial columns on the first call, then the last one."""
+        new = self.tokens[:, self.cache.offset:]
+        return decoder_logits(self.model, new, self.features, self.mask, self.cache, self.pad)
+
+    def lengths(self) -> Tensor:
+        """[N] each row's own length (without padding)."""
+        full = torch.full((len(self),), self.tokens.shape[1], device=self.tokens.device)
+        return full - self.pad if self.pad is not None else full
+
+    def generated(self) -> list[list[int]]:
+        return self.tokens[:, self.sample_begin:].tolist()
+
+    def append(self, next_tokens: Tensor) -> None:
+        """Add a column: next_tokens [N]."""
+        self.tokens = torch.cat([self.tokens, next_tokens[:, None]], dim=1)
+
+    def select(self, index: Tensor) -> None:
+        """Rows become rows[index] (LongTensor [M]; repeats allowed). Rows of one window share their audio,
+        so the audio tensors (and the cross-attention cache) are only gathered when the number of rows
+        changes, i.e. when some window left: a beam's reorder copies only the self-attention cache."""
+        resized = len(index) != len(self)
+        self.tokens = self.tokens[index]
+        for layer in self.cache.layers:
+            for name in list(layer):
+                if name.startswith("self_") or resized:
+                    layer[name] = layer[name][index]
+        if resized:
+            self.features = self.features[index]
+            self.mask = self.mask[index] if self.mask is not None else None
+            self.pad = self.pad[index] if self.pad is not None else None
+
+
+def _first_step(rows: DecodingRows, sot_columns: Tensor, no_speech: int) -> tuple[Tensor, list[float]]:
+    """The first decoder call: (logits at the last column [N, V], P(no_speech) at each row's sot column)."""
+    logits = rows.logits()
+    at_sot = logits[torch.arange(len(rows), device=logits.device), sot_columns]
+    return logits[:, -1], at_sot.float().softmax(dim=-1)[:, no_speech].tolist()
+
+
+# ---------------------------------------------------------------- searches
+
+Candidates = list[list[tuple[list[int], float]]]  # per window: (tokens without eot, sum of log probabilities)
+
+
+def sample_search(rows: DecodingRows, first_logits: Tensor, n_audio: int, group: int, temperature: float,
+                  filters: list[LogitFilter], eot: int, sample_len: int, n_ctx: int) -> Candidates:
+    """Greedy (temperature 0) or sampled decoding of n_audio * group rows (row i belongs to window
+    i // group), whisper's GreedyDecoder: each row stops at eot, after sample_len tokens, or once it is
+    longer than n_ctx; it then leaves the batch. Sampling draws from torch's global RNG."""
+    owner = list(range(n_audio * group))  # each current row's index among the n_audio * group
+    sums = torch.zeros(n_audio * group, device=first_logits.device)
+    found: dict[int, tuple[list[int], float]] = {}
+    logits = first_logits
+    for step in range(sample_len):
+        if step:
+            logits = rows.logits()[:, -1]
+        for apply in filters:
+            apply(logits, rows.tokens)
+        if temperature == 0:
+            next_tokens = logits.argmax(dim=-1)
+        else:
+            next_tokens = torch.distributions.Categorical(logits=logits / temperature).sample()
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        sums += logprobs[torch.arange(len(rows), device=logprobs.device), next_tokens]
+        rows.append(next_tokens)
+        done = ((next_tokens == eot) | (rows.lengths() > n_ctx)).tolist()
+        if any(done):
+            generated = rows.generated()
+            for i in (i for i, d in enumerate(done) if d):
+                tokens = generated[i][:-1] if generated[i][-1] == eot else generated[i]
+                found[owner[i]] = (tokens, float(sums[i]))
+            keep = [i for i, d in enumerate(done) if not d]
+            if not keep:
+                break
+            owner = [owner[i] for i in keep]
+            index = torch.tensor(keep, device=sums.device)
+            sums = sums[index]
+            rows.select(index)
+    if len(found) < n_audio * group:  # rows still going after sample_len tokens
+        for i, tokens, total in zip(owner, rows.generated(), sums.tolist()):
+            found[i] = (tokens, total)
+    return [[found[w * group + j] for j in range(group)] for w in range(n_audio)]
+
+
+def expand_beams(generated: list[list[int]], scores: list[list[float]], tokens: list[list[int]], eot: int,
+                 beam_size: int) -> tuple[list[tuple[tuple, float, int]], dict[tuple, float]]:
+    """One window's beam step (whisper's BeamSearchDecoder.update): its beams' sequences so far
+    (`generated`), each beam's beam_size + 1 likeliest next tokens and their cumulative scores, ranked
+    together. Returns (the beam_size best unfinished continuations as (sequence, score, beam),
+    {finished sequence: score} for those ending in eot that ranked before the last one kept)."""
+    score_of, beam_of = {}, {}
+    for beam, (prefix, row_scores, row_tokens) in enumerate(zip(generated, scores, tokens)):
+        for score, token in zip(row_scores, row_tokens):
+            sequence = tuple(prefix + [token])
+            score_of[sequence], beam_of[sequence] = score, beam
+    kept, finished = [], {}
+    for sequence in sorted(score_of, key=score_of.get, reverse=True):
+        if sequence[-1] == eot:
+            finished[sequence] = score_of[sequence]
+        else:
+            kept.append((sequence, score_of[sequence], beam_of[sequence]))
+            if len(kept) == beam_size:
+                break
+    return kept, finished
+
+
+def beam_search(rows: DecodingRows, first_logits: Tensor, n_audio: int, beam_size: int, patience: float | None,
+                filters: list[LogitFilter], eot: int, sample_len: int, n_ctx: int) -> Candidates:
+    """whisper's BeamSearchDecoder over n_audio windows of beam_size rows each (see expand_beams): finished
+    sequences are collected, best first, up to round(beam_size * patience). A window is done when it has
+    that many, after sample_len tokens, or once longer than n_ctx, and leaves the batch; if it has fewer
+    than beam_size finished then, its live beams fill up, best first."""
+    max_candidates = round(beam_size * (patience or 1.0))
+    finished: list[dict[tuple, float]] = [{} for _ in range(n_audio)]
+    windows = list(range(n_audio))  # the window of each group of beam_size rows, in row order
+    sums = torch.zeros(len(rows), device=first_logits.device)  # float32, as openai's: the same sums, ranks, ties
+    logits = first_logits
+    for step in range(sample_len):
+        if step:
+            logits = rows.logits()[:, -1]
+        for apply in filters:
+            apply(logits, rows.tokens)
+        top_logprobs, top_tokens = F.log_softmax(logits.float(), dim=-1).topk(beam_size + 1)
+        scores, tokens = (sums[:, None] + top_logprobs).tolist(), top_tokens.tolist()
+        generated, lengths = rows.generated(), rows.lengths().tolist()
+        sources, next_tokens, next_sums, still = [], [], [], []
+        for g, window in enumerate(windows):
+            beams = slice(g * beam_size, (g + 1) * beam_size)
+            kept, newly_finished = expand_beams(generated[beams], scores[beams], tokens[beams], eot, beam_size)
+            for sequence in sorted(newly_finished, key=newly_finished.get, reverse=True):
+                if len(finished[window]) >= max_candidates:
+                    break
+                finished[window][sequence] = newly_finished[sequence]
+            if (len(finished[window]) >= max_candidates or step == sample_len - 1
+                    or lengths[g * beam_size] + 1 > n_ctx):
+                _fill_with_live(finished[window], [(s, score) for s, score, _ in kept], beam_size, eot)
+                continue
+            still.append(window)
+            sources += [g * beam_size + beam for *_, beam in kept]
+            next_tokens += [s[-1] for s, *_ in kept]
+            next_sums += [score for _, score, _ in kept]
+        if not still:
+            break
+        windows = still
+        device = rows.tokens.device
+        rows.select(torch.tensor(sources, device=device))
+        rows.append(torch.tensor(next_tokens, device=device))
+        sums = torch.tensor(next_sums, device=device)
+    return [[(list(s[:s.index(eot)]), lp) for s, lp in f.items()] for f in finished]
+
+
+def _fill_with_live(finished: dict[tuple, float], live: list[tuple[tuple, float]], beam_size: int, eot: int) -> None:
+    """BeamSearchDecoder.finalize for one window: too few finished sequences are topped up with live
+    ones (each + eot), highest sum first, up to beam_size."""
+    for sequence, score in sorted(live, key=lambda item: item[1], reverse=True):
+        if len(finished) >= beam_size:
+            break
+        finished[sequence + (eot,)] = score
+
+
+# ---------------------------------------------------------------- decode
+
+@torch.no_grad()
+def language_probs(model: Whisper, tokenizer, audio_features: Tensor, audio_mask: Tensor | None = None
+                   ) -> list[dict[str, float]]:
+    """Per window (audio_features [B, T', D], audio_mask [B, T'] or None), every language's probability:
+    the softmax over the language tokens after <|startoftranscript|>. Empty dicts without language tokens."""
+    if not tokenizer.languages:
+        return [{} for _ in range(audio_features.shape[0])]
+    _, probs = detect_language(model, audio_features, audio_mask, tokenizer.sot, tokenizer.language_token_ids)
+    return [dict(zip(tokenizer.languages, row)) for row in probs.tolist()]
+
+
+def _languages(model: Whisper, tokenizer, features: Tensor, mask: Tensor | None,
+               wanted: list[str | None]) -> tuple[list[str | None], list[dict[str, float] | None]]:
+    """Each window's language: the wanted one, or the likeliest (with every language's probability).
+    Without language tokens (an English-only model): None."""
+    languages, probs = list(wanted), [None] * len(wanted)
+    todo = [i for i, lang in enumerate(wanted) if lang is None]
+    if todo and tokenizer.languages:
+        index = torch.tensor(todo, device=features.device)
+        found = language_probs(model, tokenizer, features[index], mask[index] if mask is not None else None)
+        for i, p in zip(todo, found):
+            languages[i], probs[i] = max(p, key=p.get), p
+    return languages, probs
+
+
+@torch.no_grad()
+def decode(model: Whisper, tokenizer, mel: Tensor, options: DecodingOptions = DecodingOptions(),
+           mel_lengths: Tensor | None = None, *, prompts: Sequence[str | list[int] | None] | None = None,
+           languages: Sequence[str | None] | None = None) -> list[DecodingResult]:
+    """Decode each window of mel [B, n_mels, F] (F <= 2 * n_audio_ctx; Whisper's checkpoints want F = 3000:
+    30 s, zero-padded audio). mel_lengths [B]: each window's valid frames, hidden from the encoder past
+    them (None: all F). prompts / languages: one per window, instead of options.prompt / options.language.
+    Returns one DecodingResult per window."""
+    check_options(options, tokenizer)
+    n_audio = mel.shape[0]
+    wanted = list(languages) if languages is not None else [options.language] * n_audio
+    wanted = [resolve_language(tokenizer, lang) for lang in wanted]
+    prompts = list(prompts) if prompts is not None else [options.prompt] * n_audio
+    if len(wanted) != n_audio or len(prompts) != n_audio:
+        raise ValueError(f"{n_audio} windows, but {len(wanted)} languages and {len(prompts)} prompts")
+    features, mask = model.embed_audio(mel, mel_lengths)
+    languages, language_probs = _languages(model, tokenizer, features, mask, wanted)
+
+    n_ctx = model.dims.n_text_ctx
+    sample_len = options.sample_len or n_ctx // 2
+    timestamps = not options.without_timestamps
+    initial = [initial_tokens(tokenizer, tokenizer.sot_sequence(lang, options.task, timestamps), n_ctx,
+                              sample_len, prompt, options.prefix) for lang, prompt in zip(languages, prompts)]
+    group = options.beam_size or options.best_of or 1
+    index = torch.arange(n_audio, device=features.device).repeat_interleave(group)
+    rows = DecodingRows(model, features[index], mask[index] if mask is not None else None,
+                        [initial[i] for i in index.tolist()], tokenizer.eot)
+    precision = CHUNK_SECONDS / model.dims.n_audio_ctx
+    max_initial = (round(options.max_initial_timestamp / precision) if options.max_initial_timestamp else None)
+    filters = build_logit_filters(tokenizer, rows.sample_begin, options.suppress_tokens, options.suppress_blank,
+                                  timestamps, max_initial)
+
+    pad = rows.pad if rows.pad is not None else torch.zeros(len(rows), dtype=torch.long, device=features.device)
+    sot_columns = pad + torch.tensor([initial[i].index(tokenizer.sot) for i in index.tolist()], device=pad.device)
+    first_logits, no_speech = _first_step(rows, sot_columns, tokenizer.no_speech)
+    if options.beam_size is not None:
+        candidates = beam_search(rows, first_logits, n_audio, options.beam_size, options.patience, filters,
+                                 tokenizer.eot, sample_len, n_ctx)
+    else:
+        candidates = sample_search(rows, first_logits, n_audio, group, options.temperature, filters,
+                                   tokenizer.eot, sample_len, n_ctx)
+    results = []
+    for i, window in enumerate(candidates):
+        tokens, logprob = window[rank_candidates(window, options.length_penalty)]
+        text = tokenizer.decode(tokens).strip()
+        results.append(DecodingResult(
+            language=languages[i] or "en", language_probs=language_probs[i], tokens=tokens, text=text,
+            avg_logprob=logprob / (len(tokens) + 1), no_speech_prob=no_speech[i * group],
+            temperature=options.temperature, compression_ratio=compression_ratio(text)))
+    return results
+
+
+# ---------------------------------------------------------------- lean versions, for evaluation
 
 @torch.no_grad()
 def detect_language(model: Whisper, audio_features: Tensor, audio_mask: Tensor | None, sot: int,
