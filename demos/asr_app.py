@@ -350,6 +350,8 @@ def main(argv: list[str] | None = None) -> None:
         transcriber = load_transcriber(checkpoint, args.device, args.max_seconds)
     except (ValueError, OSError) as e:  # there, but unusable: refuse to start rather than serve a broken page
         sys.exit(f"error: {e}")
+    except Exception as e:  # e.g. torch's unpickler on a file that is no checkpoint at all (KeyError)
+        sys.exit(f"error: {checkpoint}: cannot load it as a checkpoint ({type(e).__name__}: {str(e)[:200]})")
     if transcriber is None:
         print(f"warning: {no_model_message(checkpoint)}", file=sys.stderr)
     demo = build_demo(transcriber, checkpoint, args.examples, args.max_seconds, args.max_file_size)

@@ -1,50 +1,27 @@
-"""A stand-in for mm.asr.transcriber.Transcriber, for testing the ASR entry points (CLI, HTTP API) without a
-model: the same contract, fixed transcripts, the same errors. `Segment` and `Transcript` are the real ones
-when mm.asr.transcribe exists, and copies of their contract until then.
+"""A stand-in for mm.asr.transcriber.Transcriber, for testing the ASR entry points (CLI, HTTP API, demo) fast and
+without a model: the same contract (Segment and Transcript are the real ones, options are TranscribeOptions'
+fields), fixed transcripts, the same errors. Each entry point is also tested with the real Transcriber on the
+session's trained tiny model (tests/asr_fixtures.py).
 
     install_fake_transcriber(monkeypatch)   # Transcriber.from_checkpoint(...) now gives a FakeTranscriber
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import sys
 import threading
 import time
 import types
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import soundfile
 
+from mm.asr.transcribe import Segment, Transcript, TranscribeOptions
 from mm.media import SAMPLE_RATE, load_audio
 
-try:
-    from mm.asr.transcribe import Segment, Transcript
-except ImportError:
-    @dataclass
-    class Segment:
-        id: int
-        seek: int
-        start: float
-        end: float
-        text: str
-        tokens: list[int]
-        temperature: float
-        avg_logprob: float
-        compression_ratio: float
-        no_speech_prob: float
-
-    @dataclass
-    class Transcript:
-        text: str
-        language: str
-        language_prob: float
-        segments: list[Segment]
-        duration: float
-
-        def to_dict(self) -> dict:
-            return asdict(self)
+OPTION_NAMES = {f.name for f in dataclasses.fields(TranscribeOptions)}  # the keywords Transcriber accepts
 
 
 def segment(i: int, start: float, end: float, text: str) -> Segment:
@@ -88,6 +65,11 @@ class FakeTranscriber:
             raise ValueError(f"language {language!r} is not one of this model's: {', '.join(self.languages)}")
         if task not in ("transcribe", "translate") or (task == "translate" and not self.can_translate):
             raise ValueError(f"this model cannot {task}")
+        unknown = sorted(set(options) - OPTION_NAMES)
+        if unknown:
+            raise ValueError(f"unknown options {unknown}")
+        if not audios:  # as the real one: every check made, nothing decoded (the CLI checks its options so)
+            return []
         waves = [a if isinstance(a, np.ndarray) else load_audio(a, SAMPLE_RATE, self.max_seconds) for a in audios]
         self.calls.append({"n": len(waves), "language": language, "task": task, "timestamps": timestamps,
                            "batch_size": batch_size, **options})

@@ -53,6 +53,17 @@ def training_clips(run: Path) -> list[tuple[np.ndarray, dict]]:
     return clips
 
 
+def heldout_clips(run: Path) -> list[tuple[str, bytes, dict]]:
+    """The held-out utterances of the run's corpus, never heard in training: (key, flac bytes, their json)."""
+    import yaml
+
+    from mm.shards import read_samples
+
+    heldout = Path(yaml.safe_load((run / "config.yaml").read_text())["train_data"]).parent / "heldout"
+    return [(sample["__key__"], sample["flac"], json.loads(sample["json"]))
+            for sample in read_samples(sorted(str(p) for p in heldout.glob("*.tar")), {"bad_shards": 0})]
+
+
 def concatenate(clips: list[np.ndarray], gap_seconds: float,
                 sample_rate: int = 16000) -> tuple[np.ndarray, list[float]]:
     """The clips with gap_seconds of silence before each: (audio, each clip's start in seconds)."""

@@ -1,7 +1,9 @@
-"""python -m mm.asr: transcribe files and folders into every format, past bad files; score on shards. Against
-tests.asr_fakes' stand-in transcriber (the real one is tested end to end with a trained checkpoint)."""
+"""python -m mm.asr: transcribe files and folders into every format, past bad files; score on shards. Mostly
+against tests.asr_fakes' stand-in transcriber (fast); at the end, end to end with the real Transcriber on the
+session's trained tiny model (tests/asr_fixtures.py), compared with what that model says in this process."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -9,7 +11,8 @@ import pytest
 
 from mm.asr.__main__ import main
 from tests.asr_fakes import FakeTranscriber, install_fake_transcriber, wav_bytes, write_audio
-from tests.helpers import ROOT, SUBPROCESS_ENV, write_tar
+from tests.asr_fixtures import heldout_clips, trained_run  # noqa: F401 - a fixture
+from tests.helpers import ROOT, SUBPROCESS_ENV, one_torch_thread, tiny_asr_corpus, write_tar  # noqa: F401
 
 
 @pytest.fixture
@@ -188,3 +191,149 @@ def test_eval_on_nothing_usable(tmp_path, ckpt, monkeypatch, capsys):
     shard = write_tar(tmp_path / "bad.tar", [{"__key__": "000", "wav": b"not audio", "txt": "x"}])
     assert main(["eval", "--data", str(shard), "--checkpoint", ckpt]) == 2
     assert "no usable samples" in capsys.readouterr().err
+
+
+def test_decoding_options_the_transcriber_refuses_are_an_argument_error_before_any_file_is_read(
+        tmp_path, ckpt, monkeypatch, capsys):
+    class RefusesWideBeams(FakeTranscriber):
+        def transcribe_batch(self, audios, *args, beam_size=None, **kwargs):
+            if beam_size is not None and beam_size > 4:
+                raise ValueError(f"beam_size {beam_size} is wider than this model allows")
+            return super().transcribe_batch(audios, *args, **kwargs)
+
+    made = install_fake_transcriber(monkeypatch, cls=RefusesWideBeams)
+    files = [str(write_audio(tmp_path / f"{i}.wav")) for i in range(2)]
+    assert main(["transcribe", *files, "--checkpoint", ckpt, "--beam-size", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("beam_size 5 is wider than this model allows") == 1 and "Traceback" not in err
+    assert made[0].calls == []
+    for bad in ("-1", "nan", "inf", "hot"):
+        with pytest.raises(SystemExit) as e:
+            main(["transcribe", *files, "--checkpoint", ckpt, "--temperature", bad])
+        assert e.value.code == 2 and "--temperature" in capsys.readouterr().err
+
+
+def test_a_file_that_is_no_checkpoint_is_a_message_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "notes.pt").write_text("hello\n")  # torch's unpickler raises KeyError on it
+    audio = write_audio(tmp_path / "talk.wav")
+    assert main(["transcribe", str(audio), "--checkpoint", str(tmp_path / "notes.pt")]) == 1
+    assert "notes.pt: cannot load it as a checkpoint (KeyError" in capsys.readouterr().err
+    (tmp_path / "folder").mkdir()
+    assert main(["eval", "--data", "x", "--checkpoint", str(tmp_path / "folder")]) == 1
+    assert "not a Hugging Face Whisper folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--data", "x", "--checkpoint", str(tmp_path / "folder"), "--json", "nowhere/s.json"])
+    assert e.value.code == 2 and "--json nowhere/s.json: no folder to write it in" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the real Transcriber, the session's tiny model
+
+@pytest.fixture(scope="module")
+def asr(trained_run, one_torch_thread):
+    """The trained run loaded in this process, on one thread as the subprocesses (same numbers, bit for bit)."""
+    from mm.asr.transcriber import Transcriber
+
+    return Transcriber.from_checkpoint(trained_run, device="cpu")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mm.asr", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **SUBPROCESS_ENV})
+
+
+@pytest.mark.slow
+def test_a_folder_with_the_real_model_into_every_format_past_a_bad_file(trained_run, asr, tmp_path):
+    from mm.asr.formats import FORMATS, format_transcript
+
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    clips = {key: flac for key, flac, _ in heldout_clips(trained_run)[:2]}  # an English and a Russian clip
+    for key, flac in clips.items():
+        (folder / f"{key}.flac").write_bytes(flac)
+    (folder / "broken.wav").write_bytes(b"RIFF, then nothing a wav needs")
+    out = tmp_path / "out"
+    proc = run_cli("transcribe", str(folder), "--checkpoint", str(trained_run), "--format", "all",
+                   "--output-dir", str(out))
+    assert proc.returncode == 1, proc.stderr
+    assert "1 of 3 inputs failed:" in proc.stderr and f"{folder / 'broken.wav'}: not audio" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{key}.{fmt}" for key in clips for fmt in FORMATS)
+    for key in clips:
+        said = asr.transcribe(folder / f"{key}.flac")  # as the CLI: language detected, timestamps, defaults
+        assert said.text and said.segments and said.segments[-1].end > said.segments[0].start
+        assert all(s.temperature == 0 for s in said.segments)  # no fallback: sampled text differs between processes
+        for fmt in ("txt", "srt", "vtt", "tsv"):
+            assert (out / f"{key}.{fmt}").read_text(encoding="utf-8") == format_transcript(said, fmt), (key, fmt)
+        written = json.loads((out / f"{key}.json").read_text(encoding="utf-8"))
+        assert {k: written[k] for k in ("text", "language", "duration")} == {
+            "text": said.text, "language": said.language, "duration": said.duration}
+        assert [(s["start"], s["end"], s["text"], s["tokens"]) for s in written["segments"]] == [
+            (s.start, s.end, s.text, s.tokens) for s in said.segments]
+        assert written["language_prob"] == pytest.approx(said.language_prob, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_eval_with_the_real_model_scores_as_the_library_does(trained_run, asr, tmp_path, tmp_path_factory):
+    """Batched in the CLI, one by one here. At temperature 0 only: a fallback decode would sample, and random
+    draws differ between processes (the model is confident on all nine clips, but that is its business)."""
+    from mm.asr.metrics import asr_scores, error_rates, normalize_text
+    from mm.media import load_audio
+
+    heldout = tiny_asr_corpus(tmp_path_factory) / "heldout"  # the run's held-out split
+    proc = run_cli("eval", "--data", str(heldout), "--checkpoint", str(trained_run), "--worst", "3",
+                   "--temperature", "0", "--json", str(tmp_path / "scores.json"))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "scores.json").read_text(encoding="utf-8"))
+    rows = []
+    for key, flac, meta in heldout_clips(trained_run):  # one by one, in this process
+        said = asr.transcribe(load_audio(flac), temperature=0.0)
+        wer, cer = error_rates([normalize_text(meta["text"], meta["language"])],
+                               [normalize_text(said.text, meta["language"])])
+        rows.append({"key": key, "language": meta["language"], "detected": said.language,
+                     "reference": meta["text"], "hypothesis": said.text, "wer": wer, "cer": cer})
+    want = asr_scores([r["reference"] for r in rows], [r["hypothesis"] for r in rows],
+                      [r["language"] for r in rows], [r["detected"] for r in rows])
+    assert {"wer/en", "cer/ru", "lid_acc/el", "lid_acc", "cer_mean"} <= set(want)
+    assert {k: result[k] for k in want} == pytest.approx(want, abs=1e-9)
+    assert result["eval_utterances"] == len(rows) == 9 and 0 < result["rtf"] < 10
+    assert result["eval_audio_s"] == pytest.approx(sum(m["duration"] for _, _, m in heldout_clips(trained_run)),
+                                                   abs=0.01)
+    by_key = {r["key"]: r for r in rows}
+    assert [w["cer"] for w in result["worst"]] == pytest.approx(sorted((r["cer"] for r in rows), reverse=True)[:3])
+    for w in result["worst"]:
+        assert {k: w[k] for k in ("hypothesis", "detected", "reference", "wer", "cer")} == pytest.approx(
+            {k: by_key[w["key"]][k] for k in ("hypothesis", "detected", "reference", "wer", "cer")})
+    assert result["model"] == trained_run.name and result["temperature"] == 0 and "real-time factor" in proc.stdout
+    assert all(re.search(rf"^ *{lang} +3 ", proc.stdout, re.M) for lang in ("en", "ru", "el")), proc.stdout
+
+
+@pytest.mark.slow
+def test_the_clis_decoding_options_reach_the_real_transcriber(trained_run, asr, tmp_path, capsys):
+    from mm.asr.formats import format_transcript
+
+    key, flac, _ = heldout_clips(trained_run)[0]
+    clip = tmp_path / f"{key}.flac"
+    clip.write_bytes(flac)
+    options = {"beam_size": 2, "temperature": 0.0, "initial_prompt": "forums heads"}
+    assert main(["transcribe", str(clip), "--checkpoint", str(trained_run), "--device", "cpu", "--beam-size", "2",
+                 "--temperature", "0", "--initial-prompt", "forums heads", "--no-timestamps", "--language", "en",
+                 "--format", "json", "--output-dir", str(tmp_path / "out")]) == 0
+    said = asr.transcribe(clip, language="en", timestamps=False, **options)
+    assert json.loads((tmp_path / "out" / f"{key}.json").read_text(encoding="utf-8"))["text"] == said.text
+    assert said.language_prob == 1.0 and len(said.segments) <= 1  # given, not detected; no timestamps
+    assert format_transcript(said, "txt")
+    # what the real transcriber refuses, the CLI says once, as an argument error (TranscribeOptions' own checks)
+    from mm.asr.__main__ import check_decoding
+
+    for bad, words in [({"beam_size": 0}, "beam_size must be at least 1"), ({"beams": 2}, "unknown options"),
+                       ({"task": "translate"}, "cannot translate"), ({"temperature": ()}, "at least one")]:
+        with pytest.raises(ValueError, match=words):
+            check_decoding(asr, **bad)
+
+
+def test_installed_as_mm_asr():
+    """pyproject's console script names this main, which takes argv=None and returns the exit status."""
+    import importlib
+
+    entry = re.search(r'^mm-asr = "([\w.]+):(\w+)"$', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert entry and getattr(importlib.import_module(entry.group(1)), entry.group(2)) is main

@@ -1,17 +1,23 @@
 """The OpenAI-compatible ASR HTTP API: OpenAI's request fields and answer shapes, and a matrix of hostile requests
-against a real uvicorn server started as a user starts it. Against tests.asr_fakes' stand-in transcriber."""
+against a real uvicorn server started as a user starts it. The matrix runs against tests.asr_fakes' stand-in
+transcriber (fast); at the end a second server runs the real Transcriber on the session's trained tiny model
+(tests/asr_fixtures.py): its answers are compared with what that model says in this process, and part of the
+matrix is sent to it again."""
 import threading
 
 import pytest
 import requests
 
+from mm.asr.formats import language_name
 from tests.asr_fakes import FakeTranscriber, wav_bytes
-from tests.helpers import ROOT, free_port
+from tests.asr_fixtures import heldout_clips, trained_run  # noqa: F401 - a fixture
+from tests.helpers import ROOT, free_port, one_torch_thread  # noqa: F401 - a fixture
 from tests.zeroshot_fixtures import python, serve
 
 pytestmark = pytest.mark.slow  # a real server in a subprocess
 MAX_UPLOAD = 200_000  # bytes; small, so the tests can go over it cheaply
 MAX_SECONDS = 2.0
+REAL_MAX_SECONDS = 5.0  # the real model's server: room for a held-out clip (up to ~3 s)
 SEGMENT_KEYS = {"id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob", "compression_ratio",
                 "no_speech_prob"}
 # `python -m mm.asr serve`, with tests.asr_fakes' transcriber standing in for mm.asr.transcriber's
@@ -211,3 +217,94 @@ def test_unexpected_errors_are_a_json_500_without_a_trace():
     assert r.status_code == 500 and r.json()["error"] == {
         "message": "internal server error (see the server log)", "type": "server_error", "param": None, "code": None}
     assert "secret" not in r.text
+
+
+def test_options_the_transcriber_refuses_are_a_400_before_the_file_is_read():
+    class RefusesPrompts(FakeTranscriber):
+        def transcribe_batch(self, audios, *args, initial_prompt=None, **kwargs):
+            if initial_prompt is not None:
+                raise ValueError("initial_prompt: this model takes no prompt")
+            return super().transcribe_batch(audios, *args, **kwargs)
+
+    fake = RefusesPrompts()
+    r = client_for(fake).post("/v1/audio/transcriptions", data={"prompt": "Hello."},
+                              files={"file": ("a.wav", b"not even audio", "audio/wav")})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "initial_prompt: this model takes no prompt"
+    assert fake.calls == []
+
+
+# ---------------------------------------------------------------- the real Transcriber, the session's tiny model
+
+@pytest.fixture(scope="module")
+def asr(trained_run, one_torch_thread):
+    """The trained run loaded in this process, on one thread as the server (the same numbers)."""
+    from mm.asr.transcriber import Transcriber
+
+    return Transcriber.from_checkpoint(trained_run, device="cpu", max_seconds=REAL_MAX_SECONDS)
+
+
+@pytest.fixture(scope="module")
+def real_server(trained_run, tmp_path_factory):
+    """`python -m mm.asr serve --checkpoint RUN`: the trained tiny model."""
+    log = tmp_path_factory.mktemp("asr_http_real") / "server.log"
+    port = free_port()
+    cmd = python("-m", "mm.asr", "serve", "--checkpoint", str(trained_run), "--port", str(port), "--device", "cpu",
+                 "--max-upload-bytes", str(MAX_UPLOAD), "--max-seconds", str(REAL_MAX_SECONDS))
+    url = f"http://127.0.0.1:{port}"
+    with serve(cmd, f"{url}/health", log, cwd=ROOT):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def heldout_flac(trained_run) -> bytes:
+    return heldout_clips(trained_run)[0][1]  # English, 2.35 s: never heard in training
+
+
+def test_the_real_model_answers_json_verbose_json_and_srt(real_server, asr, heldout_flac, trained_run):
+    from mm.asr.formats import format_transcript
+
+    url = real_server
+    health = requests.get(f"{url}/health").json()
+    assert health["model"] == trained_run.name and {"en", "ru", "el"} <= set(health["languages"])
+    assert health["can_translate"] is False and health["max_seconds"] == REAL_MAX_SECONDS
+    said = asr.transcribe(heldout_flac)  # as the server: language detected, timestamps, the defaults
+    assert said.text and said.segments
+    assert all(s.temperature == 0 for s in said.segments)  # no fallback: sampled text differs between processes
+    r = post(url, heldout_flac, model="whisper-1")
+    assert r.status_code == 200 and r.json() == {"text": said.text.strip()}
+    v = post(url, heldout_flac, response_format="verbose_json", **{"timestamp_granularities[]": "segment"}).json()
+    assert {k: v[k] for k in ("task", "language", "duration", "text")} == {
+        "task": "transcribe", "language": language_name(said.language), "duration": said.duration,
+        "text": said.text.strip()}
+    assert [set(s) for s in v["segments"]] == [SEGMENT_KEYS] * len(said.segments)
+    assert [(s["start"], s["end"], s["text"], s["tokens"]) for s in v["segments"]] == [
+        (s.start, s.end, s.text, s.tokens) for s in said.segments]
+    assert all(0 <= s["start"] < s["end"] <= v["duration"] + 0.02 for s in v["segments"])
+    r = post(url, heldout_flac, response_format="srt")
+    assert r.status_code == 200 and r.text == format_transcript(said, "srt") and " --> " in r.text
+
+
+def test_the_servers_options_reach_the_real_transcriber(real_server, asr, heldout_flac):
+    url = real_server
+    said = asr.transcribe(heldout_flac, language="en", temperature=0.0, initial_prompt="forums heads")
+    r = post(url, heldout_flac, language="English", temperature="0", prompt="forums heads")
+    assert r.status_code == 200 and r.json() == {"text": said.text.strip()}
+    r = post(url, heldout_flac, prompt="<|endoftext|><|notimestamps|>" + "word " * 2000)  # text, however long
+    assert r.status_code == 200
+
+
+REAL_BAD_REQUESTS = {name: BAD_REQUESTS[name] for name in ("not audio", "empty file", "unknown language",
+                                                           "temperature over 1")}
+REAL_BAD_REQUESTS["audio too long"] = (lambda u: post(u, wav_bytes(6.0, rate=8000)), 413,
+                                       "6.0 s exceeds the limit of 5 s")
+REAL_BAD_REQUESTS["translation by a model that cannot"] = (lambda u: post(u, endpoint="translations"), 400,
+                                                          "cannot translate: it was trained to transcribe only")
+
+
+@pytest.mark.parametrize("case", list(REAL_BAD_REQUESTS))
+def test_bad_requests_to_the_real_model_get_a_4xx_and_it_lives_on(real_server, heldout_flac, case):
+    request, status, words = REAL_BAD_REQUESTS[case]
+    r = request(real_server)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]["message"] and r.json()["error"]["type"] == "invalid_request_error"
+    assert post(real_server, heldout_flac).status_code == 200

@@ -10,15 +10,16 @@ The model comes from --checkpoint: a run folder of recipes/asr/train.py (default
 Face Whisper folder, or an OpenAI .pt file. Folders are searched recursively for audio files
 (flac wav ogg opus mp3; m4a and webm are listed too, and fail with a message: we do not read them).
 Files found under a folder keep their subfolders under --output-dir. A bad file does not stop the run:
-the failures are listed at the end. Exit status: 0 ok; 1 some files failed, or no model; 2 bad arguments.
+the failures are listed at the end. Decoding options (--beam-size, --temperature, --initial-prompt, the
+language, the task) are checked with the model before any file is read. Exit status: 0 ok; 1 some files
+failed, or no usable model; 2 bad arguments.
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import json
+import math
 import sys
-import time
 from pathlib import Path
 
 from mm.asr.formats import FORMATS, format_transcript, language_code
@@ -34,6 +35,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def temperature(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):  # a negative one would invert the distribution; nan breaks it
+        raise argparse.ArgumentTypeError(f"must be a number from 0 up, got {text}")
+    return value
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="runs/asr", help="a run folder of recipes/asr/train.py, a Hugging Face "
                                                             "Whisper folder or an OpenAI .pt (default: %(default)s)")
@@ -41,7 +49,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=16, help="recordings decoded together "
                                                                        "(default: %(default)s)")
     p.add_argument("--beam-size", type=positive_int, help="beam search width (default: the transcriber's)")
-    p.add_argument("--temperature", type=float, help="sampling temperature (default: the transcriber's)")
+    p.add_argument("--temperature", type=temperature, help="this sampling temperature only, no fallback (default: "
+                                                           "0, then hotter for a window whose decode fails)")
+    p.add_argument("--initial-prompt", help="text prompting the first window: vocabulary, spelling, style")
     p.add_argument("--no-timestamps", action="store_true", help="decode without timestamp tokens")
 
 
@@ -78,14 +88,24 @@ def load_transcriber(checkpoint: str, device: str | None = None, max_seconds: fl
 
     try:
         return Transcriber.from_checkpoint(checkpoint, device=device, max_seconds=max_seconds)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # our loaders' own messages name the file and what is wrong
         print(f"error: {e}", file=sys.stderr)
-        return None
+    except Exception as e:  # e.g. torch's unpickler on a file that is no checkpoint at all (KeyError)
+        print(f"error: {checkpoint}: cannot load it as a checkpoint ({type(e).__name__}: {str(e)[:200]})",
+              file=sys.stderr)
+    return None
 
 
 def decoding_options(args) -> dict:
-    """The decoding options the user set; the transcriber's defaults stand for the others."""
-    return {k: v for k, v in {"beam_size": args.beam_size, "temperature": args.temperature}.items() if v is not None}
+    """The decoding options the user set (TranscribeOptions fields); the transcriber's defaults stand for the others."""
+    chosen = {"beam_size": args.beam_size, "temperature": args.temperature, "initial_prompt": args.initial_prompt}
+    return {k: v for k, v in chosen.items() if v is not None}
+
+
+def check_decoding(transcriber, **decode) -> None:
+    """ValueError now, before any file is read, for what the transcriber refuses (language, task, options):
+    an empty batch runs all of its checks and decodes nothing."""
+    transcriber.transcribe_batch([], **decode)
 
 
 def find_audio(inputs: list[str]) -> tuple[list[tuple[Path, str]], dict[str, str]]:
@@ -132,6 +152,11 @@ def transcribe_files(transcriber, files: list[Path], batch_size: int, on_result,
 def describe(e: Exception) -> str:
     """An error as the failure list shows it: our own messages as they are, anything else with its type."""
     return str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+
+
+def failure_line(path: str, why: str) -> str:
+    """`  path: why`, the path once (mm.media's messages begin with it already)."""
+    return f"  {why}" if why.startswith(f"{path}: ") else f"  {path}: {why}"
 
 
 def transcribe_loaded(transcriber, loaded: list, batch_size: int, decode: dict) -> list[tuple]:
@@ -195,6 +220,8 @@ def run_transcribe(args) -> int:
     if (why := unusable(transcriber, language, args.task)) is not None:
         print(f"error: {why}", file=sys.stderr)
         return 2
+    decode = dict(language=language, task=args.task, timestamps=not args.no_timestamps, **decoding_options(args))
+    check_decoding(transcriber, **decode)  # ValueError: a bad argument, said once rather than for every file
     names, clashes = output_names(found, args.output_dir is not None)
     failures = {**missing, **clashes}
 
@@ -202,86 +229,23 @@ def run_transcribe(args) -> int:
         header = f"==> {path} <==\n" if len(names) > 1 else ""
         write_outputs(transcript, names[path], fmts, args.output_dir, header)
 
-    failures.update(transcribe_files(transcriber, list(names), args.batch_size, write, language=language,
-                                     task=args.task, timestamps=not args.no_timestamps, **decoding_options(args)))
+    failures.update(transcribe_files(transcriber, list(names), args.batch_size, write, **decode))
     if failures:
         print(f"{len(failures)} of {len(names) + len(missing) + len(clashes)} inputs failed:", file=sys.stderr)
         for path, why in failures.items():
-            print(f"  {path}: {why}", file=sys.stderr)
+            print(failure_line(path, why), file=sys.stderr)
     return 1 if failures else 0
 
 
 # ---------------------------------------------------------------- eval
 
-def evaluate_transcriber(transcriber, spec: str, language: str = "detect", batch_size: int = 16, worst: int = 10,
-                         **decode) -> dict:
-    """mm.asr.metrics.asr_scores over every sample of `spec`, decoded as `transcribe` decodes, plus "rtf"
-    (decoding seconds per second of audio), "eval_utterances", "eval_audio_s" and "worst": the `worst`
-    utterances by CER. language="given" decodes in each sample's language, so LID is not measured."""
-    from mm.asr.metrics import asr_scores, error_rates, normalize_text
-    from mm.decoders import audio_decoder
-    from mm.shards import iterate_eval_batches
-
-    rows, busy_s = [], 0.0
-    read = functools.partial(read_keyed, read=audio_decoder(max_seconds=transcriber.max_seconds))
-    for batch in iterate_eval_batches(spec, read, list, batch_size):
-        groups = group_by_language(batch, transcriber, known=language == "given")  # also checks each has one
-        for lang, samples in ({None: batch} if language == "detect" else groups).items():
-            t0 = time.perf_counter()
-            out = transcriber.transcribe_batch([s["audio"].numpy() for s in samples], language=lang,
-                                               batch_size=batch_size, **decode)
-            busy_s += time.perf_counter() - t0
-            rows += [{"key": s["key"], "language": s["language"], "detected": t.language if lang is None else None,
-                      "reference": s["text"], "hypothesis": t.text.strip(), "duration": s["duration"]}
-                     for s, t in zip(samples, out)]
-    if not rows:
-        raise ValueError(f"{spec}: no usable samples (each needs audio, a transcript and a language)")
-    scores = asr_scores([r["reference"] for r in rows], [r["hypothesis"] for r in rows],
-                        [r["language"] for r in rows], [r["detected"] for r in rows] if language == "detect" else None)
-    for r in rows:
-        r["wer"], r["cer"] = error_rates([normalize_text(r["reference"], r["language"])],
-                                         [normalize_text(r["hypothesis"], r["language"])])
-    audio_s = sum(r["duration"] for r in rows)
-    return {**scores, "rtf": busy_s / audio_s, "eval_utterances": len(rows), "eval_audio_s": audio_s,
-            "worst": sorted(rows, key=lambda r: -r["cer"])[:worst]}
-
-
-def read_keyed(sample: dict, read) -> dict:
-    """read(sample) with the sample's key, so that the worst examples can be found in the shards."""
-    return {**read(sample), "key": sample.get("__key__")}
-
-
-def group_by_language(samples: list[dict], transcriber, known: bool) -> dict[str, list[dict]]:
-    """{language: its samples}; ValueError for a sample without a language, or (known) one the model lacks."""
-    groups = {}
-    for s in samples:
-        if s["language"] is None:
-            raise ValueError("a sample without a language: scores are per language (set it in the shards)")
-        if known and s["language"] not in transcriber.languages:
-            raise ValueError(f"a sample in language {s['language']!r}, which {transcriber.name} does not know")
-        groups.setdefault(s["language"], []).append(s)
-    return groups
-
-
-def format_eval(result: dict) -> str:
-    """The per-language table, the real-time factor, and the worst examples."""
-    from mm.asr.metrics import format_scores
-
-    lines = [format_scores(result), f"real-time factor {result['rtf']:.4f} ({result['eval_utterances']} "
-                                    f"utterances, {result['eval_audio_s']:.1f} s of audio)"]
-    if result["worst"]:
-        lines.append(f"worst {len(result['worst'])} by CER:")
-    for r in result["worst"]:
-        heard = "" if r["detected"] in (None, r["language"]) else f", heard as {r['detected']}"
-        lines += [f"  CER {r['cer']:.3f}  WER {r['wer']:.3f}  {r['language']}{heard}  ({r['key']})",
-                  f"    reference:  {r['reference']}", f"    hypothesis: {r['hypothesis']}"]
-    return "\n".join(lines)
-
-
 def run_eval(args) -> int:
+    from mm.asr.evaluate import evaluate_transcriber, format_eval
+
     transcriber = load_transcriber(args.checkpoint, args.device)
     if transcriber is None:
         return 1
+    check_decoding(transcriber, timestamps=not args.no_timestamps, **decoding_options(args))
     result = evaluate_transcriber(transcriber, args.data, args.language, args.batch_size, args.worst,
                                   timestamps=not args.no_timestamps, **decoding_options(args))
     print(format_eval(result))
@@ -302,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "transcribe" and args.format == "all" and args.output_dir is None:
         parser.error("--format all needs --output-dir")
+    if args.command == "eval" and args.json and not Path(args.json).resolve().parent.is_dir():
+        parser.error(f"--json {args.json}: no folder to write it in")  # found out now, not after the evaluation
     if not Path(args.checkpoint).exists():  # first: without a model nothing else matters
         print(f"error: no checkpoint at {args.checkpoint}: {TRAIN_HINT}", file=sys.stderr)
         return 1

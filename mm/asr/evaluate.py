@@ -1,17 +1,26 @@
-"""Held-out evaluation of a speech recogniser: batched greedy decoding, WER/CER per language, language-ID
-accuracy and the real-time factor. Every rank decodes its slice; rank 0's result covers all of them.
+"""Held-out evaluation of a speech recogniser: WER/CER per language, language-ID accuracy and the real-time
+factor, two ways.
 
-    scores = evaluate_asr(model, tokenizer, "data/asr_synth/heldout", device)
+    scores = evaluate_asr(model, tokenizer, "data/asr_synth/heldout", device)    # during training
+    result = evaluate_transcriber(Transcriber.from_checkpoint("runs/asr"), "data/asr_synth/heldout")
+    print(format_eval(result))                                                   # python -m mm.asr eval
+
+evaluate_asr is the recipe's: batched greedy decoding of whole clips, no timestamps, every rank decoding its
+slice (rank 0's result covers all of them). evaluate_transcriber decodes as a user's transcription does
+(Transcriber: long-form windows, timestamps, temperature fallback, the checkpoint's settings) and also
+returns the worst utterances.
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
 
 from mm.asr.data import asr_collate, asr_decoder
 from mm.asr.decode import detect_language, greedy_decode
-from mm.asr.metrics import asr_scores
+from mm.asr.metrics import asr_scores, error_rates, format_scores, normalize_text
+from mm.decoders import audio_decoder
 from mm.distributed import all_gather_objects
 from mm.shards import iterate_eval_batches
 
@@ -80,3 +89,65 @@ def evaluate_asr(model, tokenizer, spec: str, device: torch.device, n_mels: int 
     scores["examples"] = [{"language": lang, "reference": r, "hypothesis": h}
                           for r, h, lang in list(zip(refs, hyps, langs))[:: max(1, len(refs) // 10)]]
     return scores
+
+
+# ---------------------------------------------------------------- a Transcriber, as python -m mm.asr eval runs it
+
+def evaluate_transcriber(transcriber, spec: str, language: str = "detect", batch_size: int = 16, worst: int = 10,
+                         **decode) -> dict:
+    """mm.asr.metrics.asr_scores over every sample of `spec`, decoded as `transcribe` decodes, plus "rtf"
+    (decoding seconds per second of audio), "eval_utterances", "eval_audio_s" and "worst": the `worst`
+    utterances by CER. language="given" decodes in each sample's language, so LID is not measured.
+    decode: Transcriber.transcribe's keywords (timestamps, TranscribeOptions fields)."""
+    rows, busy_s = [], 0.0
+    read = functools.partial(read_keyed, read=audio_decoder(max_seconds=transcriber.max_seconds))
+    for batch in iterate_eval_batches(spec, read, list, batch_size):
+        groups = group_by_language(batch, transcriber, known=language == "given")  # also checks each has one
+        for lang, samples in ({None: batch} if language == "detect" else groups).items():
+            t0 = time.perf_counter()
+            out = transcriber.transcribe_batch([s["audio"].numpy() for s in samples], language=lang,
+                                               batch_size=batch_size, **decode)
+            busy_s += time.perf_counter() - t0
+            rows += [{"key": s["key"], "language": s["language"], "detected": t.language if lang is None else None,
+                      "reference": s["text"], "hypothesis": t.text.strip(), "duration": s["duration"]}
+                     for s, t in zip(samples, out)]
+    if not rows:
+        raise ValueError(f"{spec}: no usable samples (each needs audio, a transcript and a language)")
+    scores = asr_scores([r["reference"] for r in rows], [r["hypothesis"] for r in rows],
+                        [r["language"] for r in rows], [r["detected"] for r in rows] if language == "detect" else None)
+    for r in rows:
+        r["wer"], r["cer"] = error_rates([normalize_text(r["reference"], r["language"])],
+                                         [normalize_text(r["hypothesis"], r["language"])])
+    audio_s = sum(r["duration"] for r in rows)
+    return {**scores, "rtf": busy_s / audio_s, "eval_utterances": len(rows), "eval_audio_s": audio_s,
+            "worst": sorted(rows, key=lambda r: -r["cer"])[:worst]}
+
+
+def read_keyed(sample: dict, read) -> dict:
+    """read(sample) with the sample's key, so that the worst examples can be found in the shards."""
+    return {**read(sample), "key": sample.get("__key__")}
+
+
+def group_by_language(samples: list[dict], transcriber, known: bool) -> dict[str, list[dict]]:
+    """{language: its samples}; ValueError for a sample without a language, or (known) one the model lacks."""
+    groups = {}
+    for s in samples:
+        if s["language"] is None:
+            raise ValueError("a sample without a language: scores are per language (set it in the shards)")
+        if known and s["language"] not in transcriber.languages:
+            raise ValueError(f"a sample in language {s['language']!r}, which {transcriber.name} does not know")
+        groups.setdefault(s["language"], []).append(s)
+    return groups
+
+
+def format_eval(result: dict) -> str:
+    """evaluate_transcriber's result for people: the per-language table, the real-time factor, the worst examples."""
+    lines = [format_scores(result), f"real-time factor {result['rtf']:.4f} ({result['eval_utterances']} "
+                                    f"utterances, {result['eval_audio_s']:.1f} s of audio)"]
+    if result["worst"]:
+        lines.append(f"worst {len(result['worst'])} by CER:")
+    for r in result["worst"]:
+        heard = "" if r["detected"] in (None, r["language"]) else f", heard as {r['detected']}"
+        lines += [f"  CER {r['cer']:.3f}  WER {r['wer']:.3f}  {r['language']}{heard}  ({r['key']})",
+                  f"    reference:  {r['reference']}", f"    hypothesis: {r['hypothesis']}"]
+    return "\n".join(lines)

@@ -16,7 +16,8 @@ others wait), so concurrent requests neither run the model twice at once nor hol
 recordings decoded. Bad input gets a 4xx in OpenAI's error shape, {"error": {"message", "type":
 "invalid_request_error", "param", "code"}}, with the message also as "detail":
     400 empty file, unknown or unsupported language, unknown response_format, a form field missing or
-        unusable (such as no file), translation asked of a model that cannot translate
+        unusable (such as no file), translation asked of a model that cannot translate, decoding
+        options the model refuses (checked before the file is read)
     413 request or file over the size limit (the request's is checked before it is read), audio over
         the duration limit (checked from the file's header, before decoding)
     415 the file is not audio the server can decode (flac, wav, ogg, opus, mp3)
@@ -70,8 +71,9 @@ async def validation_error(request, exc: RequestValidationError) -> JSONResponse
 
 
 def check_request(transcriber, language: str | None, task: str, response_format: str,
-                  granularities: list[str] | None) -> str | None:
-    """The language code to decode in (None: detect it); ApiError(400) for what the model cannot do."""
+                  granularities: list[str] | None, options: dict) -> str | None:
+    """The language code to decode in (None: detect it); ApiError(400) for what the model cannot do, or
+    decoding options it refuses (TranscribeOptions fields)."""
     if response_format not in RESPONSE_FORMATS:
         raise ApiError(400, f"unknown response_format {response_format[:40]!r} (accepted: "
                             f"{', '.join(RESPONSE_FORMATS)})", "response_format")
@@ -88,6 +90,10 @@ def check_request(transcriber, language: str | None, task: str, response_format:
     if code is not None and code not in transcriber.languages:
         shown = ", ".join(transcriber.languages[:20]) + (", ..." if len(transcriber.languages) > 20 else "")
         raise ApiError(400, f"language {code!r} is not one this model knows ({shown})", "language")
+    try:  # an empty batch runs every check of the transcriber's and decodes nothing
+        transcriber.transcribe_batch([], language=code, task=task, timestamps=True, **options)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
     return code
 
 
@@ -122,8 +128,8 @@ def render(transcript, response_format: str, task: str):
 
 def create_app(transcriber, max_upload_bytes: int = 25_000_000, max_seconds: float | None = None) -> FastAPI:
     """The FastAPI app serving `transcriber` (a mm.asr.transcriber.Transcriber). max_seconds: the longest
-    audio accepted (default: the transcriber's own max_seconds)."""
-    max_seconds = transcriber.max_seconds if max_seconds is None else max_seconds
+    audio accepted (default, and at most: the transcriber's own max_seconds, past which it refuses audio)."""
+    max_seconds = transcriber.max_seconds if max_seconds is None else min(max_seconds, transcriber.max_seconds)
     app = FastAPI(title="mm speech recognition", description="OpenAI-compatible transcription and translation.")
     app.add_middleware(LimitRequestBody, max_bytes=max_upload_bytes + FORM_OVERHEAD, error_body=openai_error)
     app.add_exception_handler(HTTPException, http_error)
@@ -133,9 +139,9 @@ def create_app(transcriber, max_upload_bytes: int = 25_000_000, max_seconds: flo
 
     def run(file: UploadFile, language: str | None, task: str, prompt: str | None, response_format: str,
             temperature: float | None, granularities: list[str] | None):
-        code = check_request(transcriber, language, task, response_format, granularities)
         options = {k: v for k, v in {"temperature": temperature, "initial_prompt": prompt or None}.items()
                    if v is not None}  # only what the caller set: the transcriber's defaults otherwise
+        code = check_request(transcriber, language, task, response_format, granularities, options)
         with one_at_a_time:  # decoding too: at most one long recording in memory at once
             audio = read_audio(file, max_upload_bytes, max_seconds)
             transcript = transcriber.transcribe(audio, language=code, task=task, timestamps=True, **options)
