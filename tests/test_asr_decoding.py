@@ -150,7 +150,8 @@ def test_check_options_refuses_what_whisper_refuses(trained_run):
 
     tok = load_tokenizer(trained_run / "tokenizer")
     bad = [dict(beam_size=2, best_of=2, temperature=0.5), dict(best_of=3), dict(patience=2.0),
-           dict(length_penalty=1.5), dict(task="summarise"), dict(beam_size=0), dict(beam_size=2, patience=0.1)]
+           dict(length_penalty=1.5), dict(task="summarise"), dict(beam_size=0), dict(beam_size=2, patience=0.1),
+           dict(temperature=-0.5), dict(temperature=float("nan")), dict(temperature=float("inf"))]
     for options in bad:
         with pytest.raises(ValueError):
             D.check_options(D.DecodingOptions(**options), tok)

@@ -464,3 +464,20 @@ def test_transcriber_reads_an_openai_checkpoint_with_openai_vocabulary(tmp_path)
     got = asr.transcribe(np.random.default_rng(0).normal(0, 0.1, SR).astype(np.float32), language="German",
                          task="translate", temperature=0.0, sample_len=4)
     assert got.language == "de" and got.language_prob == 1.0 and got.duration == 1.0
+
+
+def test_segments_end_inside_the_audio_when_the_model_says_later(toy, monkeypatch):
+    """A weak or sampled decode may close a segment at 29.9 s in a 2 s clip: its end is kept at the clip's end."""
+    model, tok = toy
+
+    def late(model, tokenizer, mel, options, mel_lengths=None, *, prompts=None, languages=None):
+        tokens = [tok.timestamp_begin, *tok.encode(" alpha beta"), tok.timestamp_begin + 1495]
+        return [DecodingResult(language="en", tokens=tokens, temperature=options.temperature,
+                               text=tok.decode(tokens), avg_logprob=-0.2, compression_ratio=1.0,
+                               no_speech_prob=0.01) for _ in range(mel.shape[0])]
+
+    monkeypatch.setattr(T, "decode", late)
+    audio = noise_audio(2.0, [(0.2, 1.8)], seed=3)
+    got = T.transcribe(model, tok, audio, language="en", options=T.TranscribeOptions(pad_to_30s=False))
+    assert [s.text.strip() for s in got.segments] == ["alpha beta"]
+    assert got.segments[0].start == 0.0 and got.segments[0].end == pytest.approx(2.0, abs=0.01)

@@ -81,6 +81,8 @@ def check_options(options: DecodingOptions, tokenizer) -> None:
         raise ValueError("this tokenizer cannot translate: it has no <|translate|> token or no language tokens")
     if options.beam_size is not None and options.best_of is not None:
         raise ValueError("beam_size and best_of can't be given together")
+    if not 0 <= options.temperature < float("inf"):  # a NaN or negative one would reach the sampler as NaN logits
+        raise ValueError(f"temperature must be a finite number >= 0, got {options.temperature}")
     if options.temperature == 0 and options.best_of is not None:
         raise ValueError("best_of with greedy sampling (temperature 0) is not compatible")
     if options.patience is not None and options.beam_size is None:

@@ -186,7 +186,11 @@ class _Stream:
             return
         offset = self.seek * HOP_LENGTH / SAMPLE_RATE  # seconds; from the frame index itself: no drift
         pieces, advance = split_window(result.tokens, tokenizer.timestamp_begin, size)
+        window_s = size * HOP_LENGTH / SAMPLE_RATE
         for start, end, tokens in pieces:
+            # a timestamp past the window's audio (a weak model's, or a sampled one) would give a segment that
+            # ends after the recording: times are kept inside it (openai-whisper does not clamp them)
+            start, end = min(start, window_s), min(end, window_s)
             text = tokenizer.decode([t for t in tokens if t < tokenizer.eot])
             if start == end or not text.strip():
                 continue
