@@ -431,6 +431,9 @@ def test_transcriber_refuses_what_it_cannot_do(trained_run, tmp_path):
     clip = np.zeros(3 * SR, dtype=np.float32)
     with pytest.raises(ValueError, match=r"unknown language 'xx'.*el"):
         asr.transcribe(clip, language="xx")
+    assert asr.languages == ["en", "ru", "el"]  # what it was trained on, in Whisper's order; not all 99
+    with pytest.raises(ValueError, match=r"not trained on language 'de'; it knows en, ru, el"):
+        asr.transcribe(clip, language="German")
     with pytest.raises(ValueError, match="cannot translate"):
         asr.transcribe(clip, task="translate")
     with pytest.raises(ValueError, match="task must be"):

@@ -118,9 +118,10 @@ def _collate(samples: list[dict], pad_token: int) -> dict:
     return batch
 
 
-def read_transcripts(urls: list[str], limit: int = 200_000) -> list[str]:
+def read_transcripts(urls: list[str], limit: int = 200_000, languages: set | None = None) -> list[str]:
     """Up to `limit` transcripts from shards or manifests (json "text" or a txt field), to train a BPE on.
-    Unreadable samples are skipped here; the training loader counts them."""
+    Unreadable samples are skipped here; the training loader counts them. A `languages` set is filled with
+    the json "language" codes of those samples."""
     import json
 
     from mm.decoders import TEXT_KEYS
@@ -129,9 +130,12 @@ def read_transcripts(urls: list[str], limit: int = 200_000) -> list[str]:
     for sample in read_samples(urls, counts):
         try:
             key = next((k for k in TEXT_KEYS if k in sample), None)
-            text = sample[key].decode() if key else json.loads(sample["json"]).get("text")
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+            text = sample[key].decode() if key else meta.get("text")
         except Exception:  # noqa: BLE001 - see the docstring
             continue
+        if languages is not None and isinstance(meta.get("language"), str):
+            languages.add(meta["language"])
         if isinstance(text, str) and text.strip():
             texts.append(text.strip())
             if len(texts) >= limit:

@@ -236,6 +236,11 @@ def _with_specials(tokenizer: Tokenizer, languages: Sequence[str]) -> AsrTokeniz
     return AsrTokenizer(tokenizer)
 
 
+# Written beside a tokenizer trained from scratch: the language codes of its training data (a JSON list).
+# Its model has all of Whisper's language tokens but learnt only these.
+TRAINED_LANGUAGES = "trained_languages.json"
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int = 1000, languages: Sequence[str] | None = None) -> AsrTokenizer:
     """A byte-level BPE of `vocab_size` tokens (the 256 bytes included; specials come on top) trained on `texts`.
 

@@ -10,6 +10,7 @@ any length up to `max_seconds`. Decoding options are TranscribeOptions' fields, 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from mm.asr.convert import load_checkpoint_tokenizer, load_whisper
 from mm.asr.decode import resolve_language
 from mm.asr.model import ModelDimensions, Whisper
-from mm.asr.tokenizer import TASKS, AsrTokenizer, load_tokenizer
+from mm.asr.tokenizer import TASKS, TRAINED_LANGUAGES, AsrTokenizer, load_tokenizer
 from mm.asr.transcribe import Transcript, TranscribeOptions, transcribe_many
 from mm.media import SAMPLE_RATE, AudioTooLong, EmptyAudio, load_audio
 
@@ -136,8 +137,13 @@ class Transcriber:
             if not config.get("init_from"):  # trained from scratch, with a BPE of its own
                 can_translate = False  # the recipe never trains <|translate|>
                 defaults["suppress_blank"] = False  # its BPE often writes a word's leading space alone
-        return cls(model, tokenizer, name=name, device=device, max_seconds=max_seconds,
-                   can_translate=can_translate, defaults=defaults)
+        transcriber = cls(model, tokenizer, name=name, device=device, max_seconds=max_seconds,
+                          can_translate=can_translate, defaults=defaults)
+        trained = run / "tokenizer" / TRAINED_LANGUAGES if run is not None else None
+        if trained is not None and trained.is_file():  # offer (and accept) only what the model has heard
+            heard = set(json.loads(trained.read_text()))
+            transcriber.languages = [code for code in transcriber.languages if code in heard]
+        return transcriber
 
     # ------------------------------------------------------------ checks
 
@@ -170,7 +176,11 @@ class Transcriber:
         unknown = sorted(set(options) - fields)
         if unknown:
             raise ValueError(f"unknown options {unknown}; accepted: {', '.join(sorted(fields))}")
-        return resolve_language(self.tokenizer, language), TranscribeOptions(**{**self.defaults, **options})
+        language = resolve_language(self.tokenizer, language)
+        if language is not None and language not in self.languages:
+            raise ValueError(f"{self.name} was not trained on language {language!r}; it knows "
+                             f"{', '.join(self.languages)}")
+        return language, TranscribeOptions(**{**self.defaults, **options})
 
     # ------------------------------------------------------------ transcription
 

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere, without installi
 
 from mm.asr.convert import export_hf, export_openai, load_checkpoint_tokenizer, load_whisper  # noqa: E402
 from mm.asr.data import asr_collate, asr_decoder, mel_seconds, read_transcripts  # noqa: E402
+from mm.asr.tokenizer import TRAINED_LANGUAGES  # noqa: E402
 from mm.asr.evaluate import evaluate_asr  # noqa: E402
 from mm.asr.losses import ctc_loss, label_smoothed_ce  # noqa: E402
 from mm.asr.metrics import format_scores  # noqa: E402
@@ -149,12 +150,15 @@ def build_tokenizer(cfg: ASRConfig, sources, saved: Path, is_main: bool) -> AsrT
             except (OSError, ValueError, ImportError) as e:
                 raise SystemExit(f"--init_from: {e}")
         else:
-            texts = read_transcripts([u for s in sources for u in s.urls])
+            languages: set[str] = set()
+            texts = read_transcripts([u for s in sources for u in s.urls], languages=languages)
             if not texts:
                 raise SystemExit(f"no transcripts found in {cfg.train_data}")
             log.info("training a %d-token byte-level BPE on %d transcripts", cfg.bpe_vocab, len(texts))
             tokenizer = train_bpe(texts, cfg.bpe_vocab)
         tokenizer.save(saved)
+        if not cfg.init_from:  # what the model will have heard: the languages a transcriber offers
+            (saved / TRAINED_LANGUAGES).write_text(json.dumps(sorted(languages & set(tokenizer.languages))))
     barrier()
     return load_tokenizer(saved)
 
