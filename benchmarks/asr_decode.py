@@ -26,9 +26,14 @@ What is held equal, knob by knob:
   `sample_len`, n_text_ctx // 2).
 - language: each clip's own, given to all sides (no detection). Clips are grouped by language because
   `transcribe_batch` and `generate` take one language per call; both batch the same groups.
-- token filters: openai's "-1" suppression (the non-speech symbols and the special tokens) on all sides, its blank
-  suppression off on all sides (`suppress_blank=False`: the run's BPE writes a word's leading space as a token of
-  its own, see Transcriber.from_checkpoint). hf gets the same ids as `generation_config.suppress_tokens`.
+- token filters: openai's "-1" suppression (the non-speech symbols and the special tokens) plus every timestamp
+  token on all sides, its blank suppression off on all sides (`suppress_blank=False`: the run's BPE writes a word's
+  leading space as a token of its own, see Transcriber.from_checkpoint). hf gets the same ids as
+  `generation_config.suppress_tokens`. The timestamp tokens are not suppressed by any of the three in text-only
+  mode by default, and all three seek loops advance to the last of two consecutive timestamps even then: a window
+  decoded as "<|0.00|><|0.00|> text" is decoded again from the same frame, for ever. On runs/asr's held-out
+  clips hf's greedy text holds two <|0.00|> in a row on 2 of 400 (its inputs differ, see below), and the first
+  hung `generate`; here text-only therefore means text tokens only.
 - time: wall seconds from samples to text, feature computation included. `torch.set_num_threads(--threads)` for
   all (one process). The sides alternate: each language group is transcribed by every side in turn, the order
   rotating from group to group, so a change of load on the machine reaches all sides; `--repeats` passes. Each
@@ -211,27 +216,36 @@ def batches(items: list, size: int):
         yield items[start:start + size]
 
 
-def ours(asr: Transcriber, pad_to_30s: bool, batch_size: int, max_new_tokens: int) -> Side:
-    def transcribe(audios: list[np.ndarray], language: str) -> list[str]:
+def text_only_suppression(tokenizer) -> list[int]:
+    """openai's default "-1" (the non-speech symbols; the special tokens are added by every side) and every
+    timestamp token: whisper.decoding's `suppress_tokens` as a list."""
+    return [-1, *range(tokenizer.timestamp_begin, tokenizer.vocab_size)]
+
+
+def ours(asr: Transcriber, pad_to_30s: bool, batch_size: int, max_new_tokens: int, suppress: list[int]) -> Side:
+    def transcribe(audios: list[np.ndarray], language: str) -> tuple[list[str], list[int]]:
         found = asr.transcribe_batch(audios, language=language, timestamps=False, batch_size=batch_size,
-                                     pad_to_30s=pad_to_30s, sample_len=max_new_tokens, **NO_FALLBACK)
+                                     pad_to_30s=pad_to_30s, sample_len=max_new_tokens, suppress_tokens=suppress,
+                                     **NO_FALLBACK)
         return [t.text for t in found], [sum(len(s.tokens) for s in t.segments) for t in found]
     return transcribe
 
 
-def openai_side(model, tokenizer, max_new_tokens: int, suppress_blank: bool) -> Side:
+def openai_side(model, tokenizer, max_new_tokens: int, suppress: list[int], suppress_blank: bool) -> Side:
     import whisper
 
     def transcribe(audios: list[np.ndarray], language: str) -> tuple[list[str], list[int]]:
         with openai_uses_tokenizer(tokenizer):
             found = [whisper.transcribe(model, a, language=language, task="transcribe", fp16=False, verbose=None,
-                                        without_timestamps=True, suppress_blank=suppress_blank,
+                                        without_timestamps=True, suppress_tokens=suppress,
+                                        suppress_blank=suppress_blank,
                                         sample_len=max_new_tokens, **NO_FALLBACK) for a in audios]
         return [r["text"].strip() for r in found], [sum(len(s["tokens"]) for s in r["segments"]) for r in found]
     return transcribe
 
 
-def hf_side(folder: Path, tokenizer, batch_size: int, max_new_tokens: int, suppress_blank: bool) -> tuple:
+def hf_side(folder: Path, tokenizer, batch_size: int, max_new_tokens: int, suppress: list[int],
+            suppress_blank: bool) -> tuple:
     """(the side, its model, its feature extractor): WhisperFeatureExtractor + generate, the generation config
     given our token ids."""
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
@@ -244,7 +258,7 @@ def hf_side(folder: Path, tokenizer, batch_size: int, max_new_tokens: int, suppr
     config.lang_to_id = {f"<|{code}|>": tokenizer.language_token(code) for code in tokenizer.languages}
     config.task_to_id = {"transcribe": tokenizer.transcribe, "translate": tokenizer.translate}
     config.no_timestamps_token_id, config.is_multilingual = tokenizer.no_timestamps, True
-    config.suppress_tokens = suppress_token_ids(tokenizer, "-1")
+    config.suppress_tokens = suppress_token_ids(tokenizer, suppress)  # with the specials openai adds
     # openai's SuppressBlank: the space and <|endoftext|> as the first token (none when suppress_blank is off)
     config.begin_suppress_tokens = tokenizer.encode(" ") + [tokenizer.eot] if suppress_blank else None
 
@@ -279,12 +293,13 @@ def weight_differences(asr: Transcriber, openai_model, hf_model, clip: Clip) -> 
 
 
 @torch.no_grad()
-def decode_hf_features(asr: Transcriber, extractor, clips: list[Clip], max_new_tokens: int) -> list[str]:
+def decode_hf_features(asr: Transcriber, extractor, clips: list[Clip], max_new_tokens: int,
+                       suppress: list[int]) -> list[str]:
     """Our `decode` on hf's own input features (each clip's audio padded with silence to 30 s before its log-mel),
     with the settings of the timed sides: why hf's texts differ from openai's (which pads the log-mel with zeros)."""
     from mm.asr.decode import DecodingOptions, decode
 
-    options = DecodingOptions(without_timestamps=True, sample_len=max_new_tokens,
+    options = DecodingOptions(without_timestamps=True, sample_len=max_new_tokens, suppress_tokens=suppress,
                               suppress_blank=asr.defaults.get("suppress_blank", True))
     texts = []
     for language, indices in group_by_language(clips):
@@ -408,10 +423,8 @@ def longform_throughput(model_name: str, device: str, audios: list[np.ndarray], 
     tokenizer = tokenizer_from_tiktoken(Path(whisper.__file__).parent / "assets" / "multilingual.tiktoken")
     torch.manual_seed(0)
     model = Whisper(dims_for(model_name, n_vocab=tokenizer.vocab_size, n_mels=80)).to(device).eval()
-    never = [*suppress_token_ids(tokenizer, "-1"), tokenizer.eot,
-             *range(tokenizer.timestamp_begin, tokenizer.vocab_size)]
     options = TranscribeOptions(**NO_FALLBACK, pad_to_30s=True, sample_len=tokens, suppress_blank=False,
-                                suppress_tokens=never)
+                                suppress_tokens=[*text_only_suppression(tokenizer), tokenizer.eot])
     dev = torch.device(device)
 
     def run(files):
@@ -446,22 +459,22 @@ def cpu_comparison(args, clips: list[Clip], res: dict) -> None:
     asr = Transcriber.from_checkpoint(run, device="cpu")
     n_ctx = asr.model.dims.n_text_ctx
     max_new = args.max_new_tokens or n_ctx // 2
-    suppress_blank = asr.defaults.get("suppress_blank", True)
+    suppress_blank, suppress = asr.defaults.get("suppress_blank", True), text_only_suppression(asr.tokenizer)
     print(f"model: {run} ({sum(p.numel() for p in asr.model.parameters()) / 1e6:.2f}M parameters, vocabulary "
           f"{asr.model.dims.n_vocab}); its settings {asr.defaults}; at most {max_new} tokens a window", flush=True)
     sides: dict[str, Side] = {}
     openai_model = hf_model = extractor = None
     for name in names:
         if name == "mm":
-            sides[name] = ours(asr, asr.defaults.get("pad_to_30s", True), args.batch_size, max_new)
+            sides[name] = ours(asr, asr.defaults.get("pad_to_30s", True), args.batch_size, max_new, suppress)
         elif name == "mm 30s":
-            sides[name] = ours(asr, True, args.batch_size, max_new)
+            sides[name] = ours(asr, True, args.batch_size, max_new, suppress)
         elif name == "openai":
             openai_model = whisper.load_model(str(run / "export" / "whisper.pt"), device="cpu")
-            sides[name] = openai_side(openai_model, asr.tokenizer, max_new, suppress_blank)
+            sides[name] = openai_side(openai_model, asr.tokenizer, max_new, suppress, suppress_blank)
         else:
             sides[name], hf_model, extractor = hf_side(run / "export" / "hf", asr.tokenizer, args.batch_size,
-                                                       max_new, suppress_blank)
+                                                       max_new, suppress, suppress_blank)
     diffs = weight_differences(asr, openai_model, hf_model, clips[0])
     print("same weights: largest logit difference from ours on one 30 s window: "
           + (", ".join(f"{k} {v:.1e}" for k, v in diffs.items()) or "-"), flush=True)
@@ -471,7 +484,7 @@ def cpu_comparison(args, clips: list[Clip], res: dict) -> None:
     rows = summarise(tallies, clips, args.repeats, max_new)
     if extractor is not None and args.check_clips > 0:  # untimed: hf's texts are ours on hf's own features
         picked = list(range(0, len(clips), max(1, len(clips) // args.check_clips)))[:args.check_clips]
-        texts = decode_hf_features(asr, extractor, [clips[i] for i in picked], max_new)
+        texts = decode_hf_features(asr, extractor, [clips[i] for i in picked], max_new, suppress)
         res["hf_features_check"] = {"clips": len(picked),
                                     "same_as_hf": sum(t == rows["hf"]["texts"][i] for t, i in zip(texts, picked))}
     res.update({"model": str(run), "settings": asr.defaults, "max_new_tokens": max_new, "logit_max_diff": diffs,
