@@ -44,6 +44,15 @@ def test_split_window_without_pairs_gives_one_segment_for_the_window():
     assert segments == [(0.0, 1.2, [tb + 10, 1, 2, tb + 60])] and advance == 3000
 
 
+def test_split_window_never_seeks_back_to_the_window_start():
+    """<|0.00|><|0.00|> then text: openai-whisper and transformers seek to 0.00 and decode the same window for
+    ever (transformers' generate looped 13 minutes on such a held-out clip); here it is one segment and the
+    window is done."""
+    tb = 100
+    segments, advance = T.split_window([tb, tb, 1, 2], tb, 250)
+    assert segments == [(0.0, 2.5, [tb, tb, 1, 2])] and advance == 250
+
+
 # ---------------------------------------------------------------- a scripted decoder
 
 @pytest.fixture(scope="module")

@@ -126,6 +126,10 @@ def split_window(tokens: list[int], timestamp_begin: int, segment_size: int) -> 
     is_timestamp = [t >= timestamp_begin for t in tokens]
     single_ending = is_timestamp[-2:] == [False, True]
     slices = [i + 1 for i in range(len(tokens) - 1) if is_timestamp[i] and is_timestamp[i + 1]]
+    if slices and not single_ending and tokens[slices[-1] - 1] == timestamp_begin:
+        # the last complete timestamp is <|0.00|> (e.g. "<|0.00|><|0.00|> text"): seeking to it would decode
+        # the same window again, for ever (openai-whisper and transformers do); read it as one segment instead
+        slices = []
     if not slices:
         duration = segment_size * HOP_LENGTH / SAMPLE_RATE
         stamps = [t for t in tokens if t >= timestamp_begin]
