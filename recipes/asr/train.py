@@ -63,7 +63,7 @@ class ASRConfig:
     num_workers: int = 0  # DataLoader workers per rank (0: in-process)
     max_seconds: float = 30.0  # longer utterances are skipped and counted (too_long)
     min_seconds: float = 0.0  # shorter utterances are skipped and counted
-    max_batch_seconds: float = 12.0  # audio per batch, counted as padded length x utterances (GPU: ~600-1200)
+    max_batch_seconds: float = 24.0  # audio per batch, counted as padded length x utterances (GPU: ~600-1200)
     num_buckets: int = 10  # duration buckets, bounds estimated from the first shard
     default_language: str | None = None  # language of samples that name none (none: such samples are skipped)
     # --- targets and augmentation
@@ -82,7 +82,7 @@ class ASRConfig:
     label_smoothing: float = 0.1  # on the decoder's cross-entropy
     max_target_tokens: int = 448  # longer targets are skipped and counted
     # --- optimisation
-    max_steps: int = 2600  # optimizer steps
+    max_steps: int = 1800  # optimizer steps
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 2e-3  # peak learning rate
     min_lr_ratio: float = 0.05  # final lr as a fraction of the peak
@@ -99,9 +99,9 @@ class ASRConfig:
     out_dir: str = "runs/asr"  # checkpoints, metrics.jsonl, tensorboard/, tokenizer/, export/, config.yaml
     resume: str | None = None  # "latest" or a checkpoint path; required to reuse an out_dir with checkpoints
     resume_ignore_data: bool = False  # resume weights/optimizer/schedule but start the data afresh
-    ckpt_every: int = 1300  # steps between checkpoints
+    ckpt_every: int = 900  # steps between checkpoints
     keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
-    eval_every: int = 1300  # steps between evaluations (0: only at the end)
+    eval_every: int = 900  # steps between evaluations (0: only at the end)
     eval_batch_size: int = 64  # utterances per decoding batch
     eval_language: Literal["detect", "given"] = "detect"  # transcribe in the detected language, or the labelled one
     log_every: int = 50  # steps between metrics.jsonl rows
