@@ -76,7 +76,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.clip_vs_open_clip import busy_cpu_seconds, machine, wait_for_idle  # noqa: E402
-from mm.asr.logit_filters import non_speech_tokens, suppress_token_ids  # noqa: E402
+from mm.asr.convert import OpenAITokenizer  # noqa: E402
+from mm.asr.logit_filters import suppress_token_ids  # noqa: E402
 from mm.asr.metrics import asr_scores  # noqa: E402
 from mm.asr.transcriber import Transcriber  # noqa: E402
 from mm.shards import read_samples  # noqa: E402
@@ -152,40 +153,6 @@ def group_by_language(clips: list[Clip]) -> list[tuple[str, list[int]]]:
 
 
 # ---------------------------------------------------------------------------- openai-whisper over our tokenizer
-
-class OpenAITokenizer:
-    """What whisper.decoding and whisper.transcribe use of their Tokenizer, answered by our AsrTokenizer (their
-    tokenizer is built from their own tiktoken vocabulary, whose ids are not our BPE's). As tests/asr_fixtures.py."""
-
-    def __init__(self, tokenizer, language: str | None = None, task: str | None = None):
-        self.tokenizer, self.language, self.task = tokenizer, language, task
-        sequence = [tokenizer.sot]
-        if language is not None:
-            sequence.append(tokenizer.language_token(language))
-        if task is not None:
-            sequence.append(tokenizer.transcribe if task == "transcribe" else tokenizer.translate)
-        self.sot_sequence = tuple(sequence)
-        self.sot_sequence_including_notimestamps = (*sequence, tokenizer.no_timestamps)
-        for name in ("eot", "sot", "sot_prev", "sot_lm", "no_speech", "no_timestamps", "timestamp_begin",
-                     "transcribe", "translate"):
-            setattr(self, name, getattr(tokenizer, name))
-        self.all_language_tokens = tuple(tokenizer.language_token_ids)
-        self.all_language_codes = tuple(tokenizer.languages)
-        self.non_speech_tokens = tuple(non_speech_tokens(tokenizer))
-
-    @property
-    def language_token(self) -> int:
-        return self.tokenizer.language_token(self.language)
-
-    def encode(self, text, **kwargs):
-        return self.tokenizer.encode(text)
-
-    def decode(self, ids, **kwargs):
-        return self.tokenizer.decode(ids)
-
-    def decode_with_timestamps(self, ids, **kwargs):
-        return self.tokenizer.decode_with_timestamps(ids)
-
 
 @contextlib.contextmanager
 def openai_uses_tokenizer(tokenizer):

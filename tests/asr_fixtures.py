@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mm.asr.convert import OpenAITokenizer
 from tests.helpers import run_asr_recipe, tiny_asr_corpus
 
 # recipes/asr's tiny preset, trained until it has learnt its 36 clips by heart (~45-65 s on 2 cores): no
@@ -77,42 +78,6 @@ def concatenate(clips: list[np.ndarray], gap_seconds: float,
 
 
 # ---------------------------------------------------------------- openai-whisper over our tokenizer
-
-class OpenAITokenizer:
-    """What whisper.decoding and whisper.transcribe use of their Tokenizer, answered by our AsrTokenizer.
-    (openai-whisper builds its tokenizer from its own tiktoken vocabulary, whose ids are not our BPE's.)"""
-
-    def __init__(self, tokenizer, language: str | None = None, task: str | None = None):
-        from mm.asr.logit_filters import non_speech_tokens
-
-        self.tokenizer, self.language, self.task = tokenizer, language, task
-        sequence = [tokenizer.sot]
-        if language is not None:
-            sequence.append(tokenizer.language_token(language))
-        if task is not None:
-            sequence.append(tokenizer.transcribe if task == "transcribe" else tokenizer.translate)
-        self.sot_sequence = tuple(sequence)
-        self.sot_sequence_including_notimestamps = (*sequence, tokenizer.no_timestamps)
-        for name in ("eot", "sot", "sot_prev", "sot_lm", "no_speech", "no_timestamps", "timestamp_begin",
-                     "transcribe", "translate"):
-            setattr(self, name, getattr(tokenizer, name))
-        self.all_language_tokens = tuple(tokenizer.language_token_ids)
-        self.all_language_codes = tuple(tokenizer.languages)
-        self.non_speech_tokens = tuple(non_speech_tokens(tokenizer))
-
-    @property
-    def language_token(self) -> int:
-        return self.tokenizer.language_token(self.language)
-
-    def encode(self, text, **kwargs):
-        return self.tokenizer.encode(text)
-
-    def decode(self, ids, **kwargs):
-        return self.tokenizer.decode(ids)
-
-    def decode_with_timestamps(self, ids, **kwargs):
-        return self.tokenizer.decode_with_timestamps(ids)
-
 
 def use_our_tokenizer_in_openai(monkeypatch, tokenizer) -> None:
     """Make whisper.decoding and whisper.transcribe build OpenAITokenizer(tokenizer) instead of their own, and

@@ -258,3 +258,42 @@ def load_checkpoint_tokenizer(path: str | Path):
     n_ranks = sum(1 for line in open(ranks, encoding="ascii") if line.strip())
     num_languages = dims.n_vocab - n_ranks - 1509 if multilingual else 0  # 1509 = the other specials + timestamps
     return tokenizer_from_tiktoken(ranks, num_languages)
+
+
+# ---------------------------------------------------------------- openai-whisper over our tokenizer
+
+class OpenAITokenizer:
+    """What whisper.decoding and whisper.transcribe use of their Tokenizer, answered by our AsrTokenizer, so that
+    openai-whisper can decode a checkpoint of ours (it builds its tokenizer from its own tiktoken vocabulary, whose
+    ids are not our BPE's): the parity tests and benchmarks/asr_decode.py swap it in for `get_tokenizer`."""
+
+    def __init__(self, tokenizer, language: str | None = None, task: str | None = None):
+        from mm.asr.logit_filters import non_speech_tokens
+
+        self.tokenizer, self.language, self.task = tokenizer, language, task
+        sequence = [tokenizer.sot]
+        if language is not None:
+            sequence.append(tokenizer.language_token(language))
+        if task is not None:
+            sequence.append(tokenizer.transcribe if task == "transcribe" else tokenizer.translate)
+        self.sot_sequence = tuple(sequence)
+        self.sot_sequence_including_notimestamps = (*sequence, tokenizer.no_timestamps)
+        for name in ("eot", "sot", "sot_prev", "sot_lm", "no_speech", "no_timestamps", "timestamp_begin",
+                     "transcribe", "translate"):
+            setattr(self, name, getattr(tokenizer, name))
+        self.all_language_tokens = tuple(tokenizer.language_token_ids)
+        self.all_language_codes = tuple(tokenizer.languages)
+        self.non_speech_tokens = tuple(non_speech_tokens(tokenizer))
+
+    @property
+    def language_token(self) -> int:
+        return self.tokenizer.language_token(self.language)
+
+    def encode(self, text, **kwargs):
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids, **kwargs):
+        return self.tokenizer.decode(ids)
+
+    def decode_with_timestamps(self, ids, **kwargs):
+        return self.tokenizer.decode_with_timestamps(ids)
