@@ -136,3 +136,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; never a Playwright download
+
+
+def chromium_or_skip():
+    """Debian's chromium; skip without it, except in CI (env CI set), where its absence is a failure."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing = "playwright is not installed (pip install -e '.[test]')"
+    else:
+        missing = None if CHROMIUM.exists() else f"{CHROMIUM} not found (bash setup.sh test installs it)"
+    if missing and os.environ.get("CI"):
+        pytest.fail(f"CI must run the browser test: {missing}")
+    if missing:
+        pytest.skip(missing)

@@ -8,7 +8,6 @@ page and the API show is compared with what the same model says in this process.
 only check what is refused before the model runs use tests.asr_fakes' stand-in."""
 import importlib.util
 import json
-import os
 import random
 import re
 import tarfile
@@ -23,11 +22,10 @@ from mm.asr.formats import format_timestamp, format_transcript, language_name
 from mm.media import SAMPLE_RATE, load_audio
 from tests.asr_fakes import FakeTranscriber, install_fake_transcriber, write_audio
 from tests.asr_fixtures import trained_run  # noqa: F401 - a fixture
-from tests.helpers import ROOT, free_port, one_torch_thread, tiny_asr_corpus  # noqa: F401 - a fixture
+from tests.helpers import CHROMIUM, ROOT, chromium_or_skip, free_port, one_torch_thread, tiny_asr_corpus  # noqa: F401 - a fixture
 from tests.zeroshot_fixtures import python, serve
 
 APP = ROOT / "demos" / "asr_app.py"
-CHROMIUM = Path("/usr/bin/chromium")
 MAX_SECONDS = 5.0  # small, so an over-long clip is cheap to make
 MAX_FILE_SIZE = "300kb"  # 307,200 bytes: above any test clip but the one meant to be too big
 TIMESTAMP = re.compile(r"^\d\d:\d\d\.\d\d\d$")
@@ -214,20 +212,6 @@ def test_an_upload_over_the_size_limit_is_refused_before_it_is_stored(demo, tmp_
 
 
 # ---------------------------------------------------------------- in a browser
-
-def chromium_or_skip():
-    """Debian's chromium; skip without it, except in CI (env CI set), where its absence is a failure."""
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing = "playwright is not installed (pip install -e '.[test]')"
-    else:
-        missing = None if CHROMIUM.exists() else f"{CHROMIUM} not found (bash setup.sh test installs it)"
-    if missing and os.environ.get("CI"):
-        pytest.fail(f"CI must run the browser test: {missing}")
-    if missing:
-        pytest.skip(missing)
-
 
 def open_page(pw, url: str, *chromium_args: str):
     browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT
-from tests.helpers import SUBPROCESS_ENV, free_port
+from tests.helpers import CHROMIUM, SUBPROCESS_ENV, chromium_or_skip, free_port
 from tests.zeroshot_fixtures import png_declaring, python, serve, shape_png, write_hostile_checkpoint
 
 pytestmark = pytest.mark.slow  # a real server in a subprocess
-CHROMIUM = Path("/usr/bin/chromium")
 LABELS = "red circle, blue square"
 
 
@@ -133,20 +132,6 @@ def test_gradio_client_sees_our_message_for_bad_input(demo_url, red_png, bombs, 
         assert message.startswith("the uploaded image: ") and words in message, (path.name, message)
         assert not any(d in message for d in gradio_cache_dirs()), message
     assert client.predict(handle_file(str(red_png)), LABELS, api_name="/classify")["label"] == "red circle"
-
-
-def chromium_or_skip():
-    """Debian's chromium; skip without it, except in CI (env CI set), where its absence is a failure."""
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing = "playwright is not installed (pip install -e '.[test]')"
-    else:
-        missing = None if CHROMIUM.exists() else f"{CHROMIUM} not found (bash setup.sh test installs it)"
-    if missing and os.environ.get("CI"):
-        pytest.fail(f"CI must run the browser test: {missing}")
-    if missing:
-        pytest.skip(missing)
 
 
 def test_in_a_browser_upload_type_labels_and_see_probabilities(demo_url, red_png, tmp_path):
