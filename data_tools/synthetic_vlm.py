@@ -42,6 +42,7 @@ Held-out phrasings and reserved pairs never reach the other splits: `write_synth
 from __future__ import annotations
 
 import argparse
+import inspect
 import io
 import itertools
 import json
@@ -49,7 +50,7 @@ import random
 import re
 from pathlib import Path
 
-from data_tools.synthetic_clip import BACKGROUNDS, COLOURS, SHAPES, _jitter, render, shape_points  # noqa: F401
+from data_tools.synthetic_clip import BACKGROUNDS, COLOURS, SHAPES, _jitter, render
 
 INFO_VERSION = 1
 COLUMNS = ("left", "middle", "right")  # one object per column: left/right relations are never ambiguous
@@ -82,9 +83,11 @@ PHRASINGS = {
     "right_of": (("What is right of the {thing}?", "What is to the right of the {thing}?",
                   "Which object is right of the {thing}?"),
                  ("Name the object to the right of the {thing}.", "Tell me what is right of the {thing}.")),
-    "where": (("Where is the {thing}?", "Where is the {thing} in the image?", "Which part of the image is the {thing} in?"),
+    "where": (("Where is the {thing}?", "Where is the {thing} in the image?",
+               "Which part of the image is the {thing} in?"),
               ("Tell me where the {thing} is.", "Name the part of the image the {thing} is in.")),
-    "describe": (("Describe the image.", "What do you see?", "Describe this picture.", "Write a caption for the image."),
+    "describe": (("Describe the image.", "What do you see?", "Describe this picture.",
+                  "Write a caption for the image."),
                  ("Tell me what the image shows.", "What is in the picture?")),
 }
 CAPTION_STYLES = ("list", "count")  # align captions come in both; SFT "describe" answers use "list" only
@@ -170,7 +173,8 @@ def answer_question(scene: dict, kind: str, target: dict | None) -> str:
     if kind == "describe":
         return caption(scene)
     if kind == "exists":
-        return "yes" if any(o["colour"] == target["colour"] and o["shape"] == target["shape"] for o in objects) else "no"
+        present = any(o["colour"] == target["colour"] and o["shape"] == target["shape"] for o in objects)
+        return "yes" if present else "no"
     obj = next(o for o in objects if all(o[k] == v for k, v in target.items()))
     if kind == "colour":
         return obj["colour"]
@@ -331,23 +335,23 @@ def ask(rng: random.Random, scene: dict, kind: str, which: int, yes_no: list[int
     return pose(rng, scene, kind, PHRASINGS[kind][which], target)
 
 
-def align_items(rng: random.Random, n: int, pairs: list, image: str):
+def align_items(rng: random.Random, n: int, pairs: list, image_pattern: str):
     for i in range(n):
         scene = make_scene(rng, pairs, rng.randint(1, 3))
         turn = {"type": "describe", "question": rng.choice(PHRASINGS["describe"][0]),
                 "answer": caption(scene, rng.choice(CAPTION_STYLES)), "target": None}
-        yield scene, chat_line(image % i, [turn]), [turn]
+        yield scene, chat_line(image_pattern % i, [turn]), [turn]
 
 
-def train_items(rng: random.Random, n: int, pairs: list, image: str):
+def train_items(rng: random.Random, n: int, pairs: list, image_pattern: str):
     yes_no = [0]
     for i in range(n):
         scene = make_scene(rng, pairs, rng.randint(1, 3))
         turns = [ask(rng, scene, kind, 0, yes_no, pairs) for kind in sample_types(rng, rng.randint(2, 4))]
-        yield scene, chat_line(image % i, turns), turns
+        yield scene, chat_line(image_pattern % i, turns), turns
 
 
-def heldout_items(rng: random.Random, n: int, pairs: list, reserved: list, image: str):
+def heldout_items(rng: random.Random, n: int, pairs: list, reserved: list, image_pattern: str):
     """Question types in turn, all in held-out phrasings; every other block of len(QUESTION_TYPES) items
     shows a reserved pair and asks about it (or, for "no" answers, about another reserved pair)."""
     yes_no = [0]
@@ -358,10 +362,10 @@ def heldout_items(rng: random.Random, n: int, pairs: list, reserved: list, image
         focus = next((o for o in scene["objects"] if (o["colour"], o["shape"]) == include), None)
         turn = ask(rng, scene, kind, 1, yes_no, reserved if novel_pair else pairs, focus)
         turn["novel"] = ["phrasing", "pair"] if novel_pair else ["phrasing"]
-        yield scene, chat_line(image % i, [turn]), [turn]
+        yield scene, chat_line(image_pattern % i, [turn]), [turn]
 
 
-def prefs_items(rng: random.Random, n: int, pairs: list, image: str):
+def prefs_items(rng: random.Random, n: int, pairs: list, image_pattern: str):
     """OpenAI DPO lines: the scored question types in turn, the right answer preferred over a wrong one."""
     yes_no = [0]
     for i in range(n):
@@ -369,7 +373,7 @@ def prefs_items(rng: random.Random, n: int, pairs: list, image: str):
         scene = make_scene(rng, pairs, rng.randint(1, 3))
         turn = ask(rng, scene, kind, 0, yes_no, pairs)
         turn["rejected"] = wrong_answer(rng, scene, turn)
-        line = {"input": {"messages": chat_line(image % i, [turn])["messages"][:1]},
+        line = {"input": {"messages": chat_line(image_pattern % i, [turn])["messages"][:1]},
                 "preferred_output": [{"role": "assistant", "content": turn["answer"]}],
                 "non_preferred_output": [{"role": "assistant", "content": turn["rejected"]}]}
         yield scene, line, [turn]
@@ -427,17 +431,17 @@ def write_synthetic_vlm(out: str | Path, train: int = 3000, align: int = 2000, h
     reserved = reserved_pairs()
     pairs = [p for p in all_pairs() if p not in reserved]
     rngs = [random.Random(seed * 10 + k) for k in range(4)]  # one stream per split: changing one count keeps the rest
-    image = "images/{}/%06d.png"
+    image_pattern = "images/{}/%06d.png"  # a line's image: image_pattern.format(split) % index
     seen_texts, seen_pairs = set(), set()
     for split, n, items, rng in (("align", align, align_items, rngs[0]), ("train", train, train_items, rngs[1]),
                                  ("prefs", prefs, prefs_items, rngs[2])):
-        records = write_split(out, split, items(rng, n, pairs, image.format(split)), image_size, rng,
+        records = write_split(out, split, items(rng, n, pairs, image_pattern.format(split)), image_size, rng,
                               f"{split}_scenes.jsonl")
         texts, shown = seen_in(records)
         seen_texts |= texts
         seen_pairs |= shown
-    answers = write_split(out, "heldout", heldout_items(rngs[3], heldout, pairs, reserved, image.format("heldout")),
-                          image_size, rngs[3], "heldout_answers.jsonl", heldout_record)
+    items = heldout_items(rngs[3], heldout, pairs, reserved, image_pattern.format("heldout"))
+    answers = write_split(out, "heldout", items, image_size, rngs[3], "heldout_answers.jsonl", heldout_record)
     check_heldout_unseen(seen_texts, seen_pairs, {a["question"] for a in answers}, reserved)
     info = {"version": INFO_VERSION, "train": train, "align": align, "heldout": heldout, "prefs": prefs,
             "image_size": image_size, "seed": seed, "reserved_pairs": [list(p) for p in reserved],
@@ -448,11 +452,12 @@ def write_synthetic_vlm(out: str | Path, train: int = 3000, align: int = 2000, h
 
 
 def ensure_synthetic_vlm(out: str | Path, **kwargs) -> dict:
-    """Write the data unless a complete copy with the same settings is already there."""
+    """Write the data unless a complete copy with the same settings (given or default) is already there."""
     info_path = Path(out) / "info.json"
     if info_path.exists():
         info = json.loads(info_path.read_text())
-        want = {"version": INFO_VERSION, **kwargs}
+        defaults = {k: p.default for k, p in inspect.signature(write_synthetic_vlm).parameters.items() if k != "out"}
+        want = {"version": INFO_VERSION, **defaults, **kwargs}
         if all(info.get(k) == v for k, v in want.items()):
             return info
     return write_synthetic_vlm(out, **kwargs)

@@ -90,7 +90,8 @@ def test_heldout_phrasings_and_pairs_never_in_training(data):
     novel = [r for r in records if "pair" in r["novel"]]
     assert len(novel) == 24  # every other block of 8 question types
     assert all(any((o["colour"], o["shape"]) in reserved for o in r["scene"]["objects"]) for r in novel)
-    assert not any((o["colour"], o["shape"]) in reserved for r in records if r not in novel for o in r["scene"]["objects"])
+    familiar = [r for r in records if r not in novel]
+    assert not any((o["colour"], o["shape"]) in reserved for r in familiar for o in r["scene"]["objects"])
 
 
 def test_leak_checks_fail_on_leaks(monkeypatch):
@@ -116,7 +117,8 @@ def oracle(scene, turn):
     if kind == "count":
         return str(len(objects))
     if kind == "exists":
-        return "yes" if any(o["colour"] == target["colour"] and o["shape"] == target["shape"] for o in objects) else "no"
+        present = any(o["colour"] == target["colour"] and o["shape"] == target["shape"] for o in objects)
+        return "yes" if present else "no"
     if kind == "describe":
         return None
     [obj] = [o for o in objects if all(o[k] == v for k, v in target.items())]  # the target is unique
@@ -139,10 +141,12 @@ def test_answers_hold_for_the_rendered_scenes(data):
             assert 1 <= len(objects) <= 3
             assert len({o["colour"] for o in objects}) == len({o["shape"] for o in objects}) == len(objects)
             xs = [o["x"] for o in objects]
-            assert xs == sorted(xs) and all(b["x"] - a["x"] > 1.1 * (a["r"] + b["r"]) for a, b in zip(objects, objects[1:]))
+            assert xs == sorted(xs)  # left to right, never touching: a shape reaches at most 1.1 r sideways
+            assert all(b["x"] - a["x"] > 1.1 * (a["r"] + b["r"]) for a, b in zip(objects, objects[1:]))
             image = Image.open(data / record["image"]).convert("RGB")
             for o in objects:  # the object's colour is drawn at its centre
-                assert image.getpixel((int(o["x"] * 32), int(o["y"] * 32))) == pytest.approx(COLOURS[o["colour"]], abs=20)
+                centre = (int(o["x"] * 32), int(o["y"] * 32))
+                assert image.getpixel(centre) == pytest.approx(COLOURS[o["colour"]], abs=20)
             turns = record["turns"] if split != "heldout" else [record]
             said = [t for m in line_messages(lines[record["line"] - 1]) for t in texts(m)]
             for turn in turns:
@@ -181,6 +185,7 @@ def test_ensure_reuses_complete_data_and_rebuilds_on_change(tmp_path):
     assert synth.ensure_synthetic_vlm(tmp_path, **small) == info
     assert (tmp_path / "train.jsonl").stat().st_mtime_ns == stamp
     assert synth.ensure_synthetic_vlm(tmp_path, **{**small, "train": 3})["train"] == 3
+    assert synth.ensure_synthetic_vlm(tmp_path, **{**small, "train": 3, "seed": 0})["train"] == 3  # the default
     assert len(list((tmp_path / "images" / "train").glob("*.png"))) == 3  # no stale images left behind
     heldout = synth.load_heldout(tmp_path)
     assert len(heldout) == 8 and all(Image.open(r["image"]).size == (24, 24) for r in heldout)
