@@ -186,7 +186,8 @@ ALTERNATE = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0
 @pytest.mark.parametrize("template, match", [
     (REWRITES, r"the template renders assistant message 1 as 'IT IS RED.<\|im_end\|>', which does not hold its text"),
     (DROPS_ANSWERS, r"the template renders assistant message 1 as '<\|im_end\|>', which does not hold"),
-    (OTHER_ROLE_NAME, r"the template's prompt for message 1 is not a prefix .* at character \d+: .*assistant.* vs .*bot"),
+    (OTHER_ROLE_NAME, r"the template's prompt for message 1 is not a prefix .* at character \d+: "
+                      r".*assistant.* vs .*bot"),
     (LAST_TURN_MARKED, r"the template renders messages\[:2\] differently once later messages follow"),
     (SPACE_BEFORE_ANSWER, r"token \d+ \(characters \d+-\d+\) crosses the edge of the answer"),
     (ALTERNATE, r"the chat template refused the conversation: .*roles must alternate"),

@@ -163,7 +163,8 @@ def validate_file(path: str, tokenizer=None, max_tokens: int = DEFAULT_MAX_TOKEN
                   max_pixels: int = DEFAULT_MAX_PIXELS, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Report:
     """Check every line of a chat JSONL as training would read it; tokens counted only with a tokenizer."""
     if epochs < 1 or max_tokens < 1 or image_tokens < 1:
-        raise ValueError(f"epochs, max_tokens and image_tokens must be >= 1, got {epochs}, {max_tokens}, {image_tokens}")
+        raise ValueError(f"epochs, max_tokens and image_tokens must be >= 1, "
+                         f"got {epochs}, {max_tokens}, {image_tokens}")
     decode = chat_decoder(max_pixels=max_pixels, max_images=max_images, max_image_bytes=max_image_bytes)
     report = Report(path, epochs=epochs, image_tokens=image_tokens)
     with open(path, "rb") as stream:
