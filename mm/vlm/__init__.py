@@ -1,0 +1,1 @@
+"""Vision chat: LLaVA-style vision encoder + projector + causal LM."""
