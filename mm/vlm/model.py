@@ -1,0 +1,325 @@
+"""The vision-language model by composition: vision tower -> projector -> causal LM (LLaVA, nanoVLM).
+
+The token sequence holds `tokens_per_image` copies of the <image> id per image; forward overwrites the
+embeddings at those positions with the projected image features, images in order of appearance.
+
+Batches come in two layouts, both exact:
+- packed (the default for training): ONE row [1, sum T_i] of concatenated samples, position_ids restarting at 0
+  for each sample, attention_mask=None, use_cache=False. No padding is computed.
+- padded (kept for comparison and generation): [B, max T_i], right padding, attention_mask.
+Losses are sums with their token counts (lm_loss), so a per-token mean stays exact across packs and accumulation.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mm.checkpoint import atomic_write
+from mm.optim import no_decay_names
+from mm.vlm.lm import add_image_token
+from mm.vlm.vision import VisionTower, build_vision_tower
+
+IGNORE_INDEX = -100  # label of a position that is not a target (prompt, image, pad, a sample's first token)
+VLM_CONFIG = "vlm_config.json"
+VLM_WEIGHTS = "model.safetensors"
+
+
+# ---------------------------------------------------------------- projector
+def pixel_shuffle(tokens: torch.Tensor, factor: int) -> torch.Tensor:
+    """[n, N, D] -> [n, N / factor^2, D * factor^2]: each factor x factor block of the square token grid becomes one
+    token (nanoVLM / SmolVLM), so the LM reads factor^2 fewer image tokens for the same pixels."""
+    n, count, dim = tokens.shape
+    side = math.isqrt(count)
+    if side * side != count or side % factor:
+        raise ValueError(f"pixel shuffle by {factor} needs a square token grid with a side divisible by {factor}; "
+                         f"the vision tower gives {count} tokens")
+    cells = side // factor
+    grid = tokens.reshape(n, cells, factor, cells, factor, dim).permute(0, 1, 3, 2, 4, 5)
+    return grid.reshape(n, cells * cells, factor * factor * dim)
+
+
+class Projector(nn.Module):
+    """LLaVA-1.5's projector: Linear -> GELU -> Linear from vision width to LM width, after an optional pixel
+    shuffle. forward(tokens [n, N, in_dim]) -> [n, N / factor^2, out_dim]."""
+
+    def __init__(self, in_dim: int, out_dim: int, pixel_shuffle: int = 1):
+        super().__init__()
+        self.in_dim, self.out_dim, self.factor = in_dim, out_dim, pixel_shuffle
+        self.net = nn.Sequential(nn.Linear(in_dim * pixel_shuffle ** 2, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.factor > 1:
+            tokens = pixel_shuffle(tokens, self.factor)
+        return self.net(tokens)
+
+    def describe(self) -> dict:
+        return {"in_dim": self.in_dim, "out_dim": self.out_dim, "pixel_shuffle": self.factor}
+
+
+# ---------------------------------------------------------------- the model
+class VisionLanguageModel(nn.Module):
+    """vision tower + projector + causal LM. `lm` is any transformers causal LM (or a peft model wrapping one)."""
+
+    def __init__(self, vision: VisionTower, projector: Projector, lm: nn.Module, image_token_id: int):
+        super().__init__()
+        self.vision, self.projector, self.lm = vision, projector, lm
+        self.image_token_id = int(image_token_id)
+        self.tokens_per_image = vision.num_tokens // projector.factor ** 2
+
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n_images, 3, H, W] -> [n_images, tokens_per_image, lm hidden]."""
+        return self.projector(self.vision(pixel_values))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """[B, T] ids (+ images) -> [B, T, hidden] LM input embeddings with image features at <image> positions."""
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        is_image = input_ids == self.image_token_id
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if int(is_image.sum()) != n_images * self.tokens_per_image:
+            raise ValueError(f"the batch has {int(is_image.sum())} <image> tokens but {n_images} images x "
+                             f"{self.tokens_per_image} tokens per image: each image needs exactly "
+                             f"{self.tokens_per_image} consecutive <image> tokens")
+        if n_images == 0:
+            return embeds
+        features = self.embed_images(pixel_values).to(embeds.dtype)
+        # masked_scatter fills positions in row-major order: images in the order they appear in the batch
+        return embeds.masked_scatter(is_image.unsqueeze(-1), features)
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, use_cache: bool = False):
+        """input_ids [B, T], pixel_values [n_images, 3, H, W] | None, labels [B, T] (IGNORE_INDEX where not a target)
+        -> (logits [B, T, vocab], loss: mean over target tokens, or None without labels)."""
+        check_packed_arguments(position_ids, attention_mask, use_cache)
+        embeds = self.embed(input_ids, pixel_values)
+        out = self.lm(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
+                      use_cache=use_cache)
+        if labels is None:
+            return out.logits, None
+        total, count = lm_loss(out.logits, labels)
+        return out.logits, total / count.clamp(min=1)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
+        """Left-padded prompts [B, T] (+ their images) -> new token ids [B, T_new] (transformers' generate with
+        inputs_embeds returns only the continuation)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.embed(input_ids, pixel_values)
+        return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+
+def build_vlm(vision: VisionTower, lm: nn.Module, tokenizer, pixel_shuffle: int = 1) -> VisionLanguageModel:
+    """Compose a new model: registers <image> in the tokenizer (growing the LM's embeddings if needed) and makes
+    a freshly initialised projector from the tower's width to the LM's."""
+    image_token_id = add_image_token(lm, tokenizer)
+    projector = Projector(vision.out_dim, lm.get_input_embeddings().embedding_dim, pixel_shuffle)
+    return VisionLanguageModel(vision, projector, lm, image_token_id)
+
+
+def is_packed(position_ids: torch.Tensor | None) -> bool:
+    """Whether position_ids restart inside a row, i.e. several samples share it."""
+    return position_ids is not None and bool((position_ids[..., 1:] - position_ids[..., :-1] != 1).any())
+
+
+def check_packed_arguments(position_ids, attention_mask, use_cache: bool) -> None:
+    """Refuse the packed layouts that silently attend across samples.
+
+    We rely on transformers 5.23 masking_utils: create_causal_mask -> _preprocess_mask_arguments calls
+    find_packed_sequence_indices(position_ids) only when `attention_mask is None and past_key_values is None`;
+    the resulting packed_sequence_mask keeps each query inside its own sample (sdpa and eager alike). Any 2-D mask,
+    even all ones, or use_cache=True (the model then creates a DynamicCache) skips that detection, and every
+    sample attends to the samples before it in the row.
+    """
+    if not is_packed(position_ids):
+        return
+    if attention_mask is not None:
+        raise ValueError("packed batch (position_ids restart at 0): pass attention_mask=None. transformers only "
+                         "separates packed samples when no 2-D mask is given; a mask lets them attend to each other")
+    if use_cache:
+        raise ValueError("packed batch (position_ids restart at 0): use_cache=True makes a KV cache, which turns off "
+                         "transformers' packed-sample detection; train with use_cache=False")
+
+
+# ---------------------------------------------------------------- batches
+def _ids(values) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=torch.long).reshape(-1)
+
+
+def _images(samples: list[dict]) -> torch.Tensor | None:
+    images = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None and len(s["pixel_values"])]
+    return torch.cat(images) if images else None
+
+
+def pack_batch(samples: list[dict]) -> dict:
+    """Samples {"input_ids": [T_i], "labels": [T_i], "pixel_values": [n_i, 3, H, W] | None} -> one packed row:
+    input_ids, labels, position_ids (0..T_i-1 per sample) and sample_index (which sample each token is), all
+    [1, sum T_i], and pixel_values [sum n_i, 3, H, W] | None.
+
+    Labels follow transformers' convention (logits at t predict labels at t+1), so the label at each sample's first
+    position is set to IGNORE_INDEX: otherwise sample k's last token would learn to predict sample k+1's first.
+    """
+    ids, labels, positions, index = [], [], [], []
+    for k, sample in enumerate(samples):
+        sample_ids, sample_labels = _ids(sample["input_ids"]), _ids(sample["labels"]).clone()
+        if len(sample_ids) != len(sample_labels) or len(sample_ids) == 0:
+            raise ValueError(f"sample {k}: {len(sample_ids)} input_ids but {len(sample_labels)} labels")
+        sample_labels[0] = IGNORE_INDEX
+        ids.append(sample_ids), labels.append(sample_labels)
+        positions.append(torch.arange(len(sample_ids))), index.append(torch.full_like(sample_ids, k))
+    return {"input_ids": torch.cat(ids)[None], "labels": torch.cat(labels)[None],
+            "position_ids": torch.cat(positions)[None], "sample_index": torch.cat(index)[None],
+            "pixel_values": _images(samples)}
+
+
+def pad_batch(samples: list[dict], pad_id: int) -> dict:
+    """The padded layout of the same samples: input_ids / labels / attention_mask [B, max T_i], right padding,
+    labels IGNORE_INDEX on pads; pixel_values as in pack_batch."""
+    longest = max(len(_ids(s["input_ids"])) for s in samples)
+    ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    mask = torch.zeros_like(ids)
+    for k, sample in enumerate(samples):
+        sample_ids = _ids(sample["input_ids"])
+        ids[k, :len(sample_ids)], labels[k, :len(sample_ids)] = sample_ids, _ids(sample["labels"])
+        mask[k, :len(sample_ids)] = 1
+    labels[:, 0] = IGNORE_INDEX  # never a target (nothing precedes it); the same rule as pack_batch
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": _images(samples)}
+
+
+def unpack(values: torch.Tensor, sample_index: torch.Tensor) -> list[torch.Tensor]:
+    """Split a packed [1, T, ...] tensor back into per-sample [T_i, ...] tensors."""
+    counts = torch.bincount(sample_index.reshape(-1)).tolist()
+    return list(values[0].split(counts))
+
+
+# ---------------------------------------------------------------- losses
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross entropy: logits [B, T, V], labels [B, T] -> (sum over target tokens (nats), their count).
+    Divide the sums of all micro-batches by the sum of their counts for an exact per-token mean."""
+    targets = labels[:, 1:]
+    total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, (targets != IGNORE_INDEX).sum()
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor,
+                      sample_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of target-token log-probs per sample (for DPO): logits [B, T, V], labels [B, T] -> [n_samples].
+
+    sample_index [B, T]: which sample each token belongs to (pack_batch gives it); None means one sample per row.
+    """
+    targets = labels[:, 1:]
+    valid = targets != IGNORE_INDEX
+    shifted = logits[:, :-1].float()
+    picked = shifted.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    token_logprobs = (picked - shifted.logsumexp(-1)) * valid
+    if sample_index is None:
+        return token_logprobs.sum(-1)
+    owners = sample_index[:, 1:].reshape(-1)
+    sums = torch.zeros(int(sample_index.max()) + 1, dtype=token_logprobs.dtype, device=logits.device)
+    return sums.index_add(0, owners, token_logprobs.reshape(-1))
+
+
+# ---------------------------------------------------------------- training helpers
+def freeze(module: nn.Module) -> nn.Module:
+    """No gradients and eval mode (frozen BatchNorm statistics and no dropout)."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def param_groups(model: VisionLanguageModel, lr_lm: float, lr_projector: float, lr_vision: float,
+                 weight_decay: float) -> list[dict]:
+    """AdamW groups per part, each split into decayed matrices and exempt parameters (mm.optim.no_decay_names);
+    frozen parameters and empty groups are left out. Each group carries a "name" for logging."""
+    exempt = no_decay_names(model)
+    groups = []
+    for part, lr in (("vision", lr_vision), ("projector", lr_projector), ("lm", lr_lm)):
+        params = [(n, p) for n, p in model.named_parameters() if n.startswith(part + ".") and p.requires_grad]
+        for suffix, decay, chosen in (("", weight_decay, [p for n, p in params if n not in exempt]),
+                                      ("_no_decay", 0.0, [p for n, p in params if n in exempt])):
+            if chosen:
+                groups.append({"params": chosen, "lr": lr, "weight_decay": decay, "name": part + suffix})
+    return groups
+
+
+def apply_lora(model: VisionLanguageModel, r: int = 16, alpha: int = 32,
+               target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), dropout: float = 0.0) -> VisionLanguageModel:
+    """Wrap the LM (only) in peft LoRA adapters; peft freezes the LM's own weights. The projector keeps training;
+    the vision tower keeps whatever state it had (freeze it for LLaVA's recipe)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=dropout,
+                        task_type="CAUSAL_LM")
+    model.lm = get_peft_model(model.lm, config)
+    return model
+
+
+def set_gradient_checkpointing(model: VisionLanguageModel, enabled: bool) -> None:
+    """Recompute the LM's activations in backward. Non-reentrant, so it works when the LM's inputs need no grad
+    (frozen embeddings under LoRA) and with the image features scattered into inputs_embeds."""
+    if enabled:
+        model.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.lm.activation_checkpointing_disable()
+
+
+# ---------------------------------------------------------------- save / load
+def _plain_lm(lm: nn.Module) -> nn.Module:
+    """The LM to save: LoRA adapters merged into a copy (the training model keeps its adapters), else lm itself."""
+    if hasattr(lm, "merge_and_unload"):
+        return copy.deepcopy(lm).merge_and_unload()
+    return lm
+
+
+def save_vlm(model: VisionLanguageModel, tokenizer, out_dir: str | Path, extra_config: dict | None = None) -> Path:
+    """Write out_dir/vlm_config.json + model.safetensors + the tokenizer files: everything load_vlm needs, with no
+    reference to the original LM, tower weights or network. LoRA models are saved merged. vlm_config.json is
+    written last, so a folder that has it is complete."""
+    from safetensors.torch import save_model
+
+    out = Path(out_dir)
+    lm = _plain_lm(model.lm)
+    composite = VisionLanguageModel(model.vision, model.projector, lm, model.image_token_id)
+    lm_config = {k: v for k, v in lm.config.to_dict().items() if k not in ("quantization_config", "_name_or_path")}
+    config = {"format": "mm-vlm", "version": 1, "vision": model.vision.describe(),
+              "projector": model.projector.describe(),
+              "lm": {"config": lm_config, "attn_implementation": lm.config._attn_implementation,
+                     "dtype": str(next(lm.parameters()).dtype).removeprefix("torch.")},
+              "image_token_id": model.image_token_id, "tokens_per_image": model.tokens_per_image,
+              "image_size": model.vision.image_size, "mean": list(model.vision.mean), "std": list(model.vision.std),
+              "extra": extra_config or {}}
+    tokenizer.save_pretrained(out)
+    # save_model drops the tied copy of shared tensors (LM input/output embeddings), which safetensors refuses
+    atomic_write(out / VLM_WEIGHTS, lambda tmp: save_model(composite, tmp, metadata={"format": "pt"}))
+    atomic_write(out / VLM_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1)))
+    return out
+
+
+def load_vlm(path: str | Path, device: str | torch.device = "cpu", attn_implementation: str | None = None):
+    """(model in eval mode, tokenizer, config) from a save_vlm folder, in one call, offline."""
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / VLM_CONFIG).is_file():
+        raise FileNotFoundError(f"{path}: no {VLM_CONFIG}; expected a folder written by mm.vlm.model.save_vlm")
+    config = json.loads((path / VLM_CONFIG).read_text())
+    vision = build_vision_tower(config["vision"])
+    if (vision.num_tokens, vision.out_dim) != (config["vision"]["num_tokens"], config["vision"]["out_dim"]):
+        raise ValueError(f"{path}: the rebuilt vision tower gives {vision.num_tokens} x {vision.out_dim} tokens, "
+                         f"the saved one {config['vision']['num_tokens']} x {config['vision']['out_dim']}")
+    lm_saved = config["lm"]
+    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**lm_saved["config"]),
+                                          attn_implementation=attn_implementation or lm_saved["attn_implementation"])
+    model = VisionLanguageModel(vision, Projector(**config["projector"]), lm.to(getattr(torch, lm_saved["dtype"])),
+                                config["image_token_id"])
+    load_model(model, path / VLM_WEIGHTS, strict=True, device=str(device))
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(path), config
