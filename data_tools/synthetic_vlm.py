@@ -51,6 +51,7 @@ import re
 from pathlib import Path
 
 from data_tools.synthetic_clip import BACKGROUNDS, COLOURS, SHAPES, _jitter, render
+from mm.vlm.evaluate import normalize_answer
 
 INFO_VERSION = 1
 COLUMNS = ("left", "middle", "right")  # one object per column: left/right relations are never ambiguous
@@ -239,7 +240,6 @@ def pose(rng: random.Random, scene: dict, kind: str, phrasings: tuple[str, ...],
 
 # ---------------------------------------------------------------- canonical answers (exact match)
 
-_ARTICLES = {"a", "an", "the"}
 _SYNONYMS = {"center": "middle", "centre": "middle", "grey": "gray", "color": "colour", "none": NOTHING}
 
 
@@ -248,10 +248,7 @@ def canonical_answer(text: str) -> str:
     dropped, number words zero..ten as digits, a few spellings unified (center/centre -> middle,
     grey -> gray, none -> nothing), whitespace collapsed.
     "The Red circle." -> "red circle"; "Two" -> "2"; " Yes! " -> "yes"."""
-    words = re.sub(r"[^\w\s]", " ", text.lower()).split()
-    words = [str(COUNT_WORDS.index(w)) if w in COUNT_WORDS else _SYNONYMS.get(w, w) for w in words
-             if w not in _ARTICLES]
-    return " ".join(words)
+    return normalize_answer(text, _SYNONYMS)
 
 
 # ---------------------------------------------------------------- lines

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mm.batching import SampleTooLong
 from mm.decoders import ChatFormatError
+from mm.vlm.lm import IMAGE_TOKEN  # one definition, beside the LM loader that registers it
 
-IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100  # what torch's cross_entropy and transformers' losses skip
 
 
@@ -37,9 +38,9 @@ class TemplateMismatch(ValueError):
     the wrong tokens or nothing. The message names the sample and shows where."""
 
 
-class NoAnswerTokens(ValueError):
-    """No token of the sample is in the loss once truncated: the loader drops and counts it, never trains
-    it as a zero-loss sample (lmms-finetune #45)."""
+class NoAnswerTokens(SampleTooLong):
+    """No token of the sample is in the loss once truncated: the loader drops and counts it (as too_long,
+    being a SampleTooLong), never trains it as a zero-loss sample (lmms-finetune #45)."""
 
 
 @dataclass

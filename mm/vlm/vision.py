@@ -10,7 +10,8 @@ architecture without its weights file (save_vlm stores it, load_vlm rebuilds fro
     hf:DIR (or DIR)      a Hugging Face CLIPVisionModel / SiglipVisionModel directory (config.json)
 
 Which tokens: a convnet (open_clip ModifiedResNet, timm ResNet/ConvNeXt...) gives its last spatial feature map
-before pooling, [B, C, h, w] -> [B, h*w, C]; a ViT gives the patch tokens of block `layer` (default -2, the
+before pooling, [B, C, h, w] -> [B, h*w, C] (an open_clip ModifiedResNet: the map of stage `layer`, -1 the
+last, -2 the one before, with 2x the grid); a ViT gives the patch tokens of block `layer` (default -2, the
 penultimate block, as LLaVA: the last block is shaped by CLIP's pooled objective), class tokens dropped.
 """
 from __future__ import annotations
@@ -73,7 +74,7 @@ def _open_clip_tokens(visual: nn.Module, pixels: torch.Tensor, layer: int) -> to
     from open_clip.modified_resnet import ModifiedResNet
 
     if isinstance(visual, ModifiedResNet):  # blocks are [stem, layer1..layer4]: -1 is layer4, before attnpool
-        out = visual.forward_intermediates(pixels, indices=[-1], intermediates_only=True)
+        out = visual.forward_intermediates(pixels, indices=[layer if layer < 0 else -1], intermediates_only=True)
         return _map_to_tokens(out["image_intermediates"][0])
     out = visual.forward_intermediates(pixels, indices=[layer], stop_early=True, intermediates_only=True,
                                        output_fmt="NLC")  # open_clip drops the class token here
@@ -121,11 +122,12 @@ def build_vision_tower(config: dict) -> VisionTower:
 
 
 def load_vision_tower(spec: str, weights: str | Path | None = None, layer: int = -2,
-                      timm_kwargs: dict | None = None) -> VisionTower:
+                      timm_kwargs: dict | None = None, image_size: int | None = None) -> VisionTower:
     """A tower with its weights, from a spec (see the module docstring); eval mode, trainable until frozen.
 
     weights: the local weights file for open_clip: and timm: specs (nothing is downloaded; None keeps the
     random init, for tests). timm_kwargs: extra timm.create_model arguments, e.g. {"img_size": 64}.
+    image_size: feed a convolutional tower images of this size instead of its own (a larger grid of tokens).
     """
     source, _, target = spec.partition(":") if spec.split(":", 1)[0] in _TOKEN_FUNCTIONS else ("", "", spec)
     if not source:  # a bare directory: ours if it has a CLIP export, else a Hugging Face vision model
@@ -140,6 +142,12 @@ def load_vision_tower(spec: str, weights: str | Path | None = None, layer: int =
     else:
         config, state = _from_hf(Path(target))
     config["layer"] = layer
+    if image_size:
+        convnet = config["source"] in ("clip", "open_clip") and isinstance(config["model_cfg"]["vision_cfg"].get("layers"), (list, tuple))
+        if not convnet and config["source"] != "timm":
+            raise ValueError(f"vision tower {spec}: image_size= is for convolutional towers (a ViT's position "
+                             f"table has its own size; timm ViTs take timm_kwargs={{'img_size': ...}})")
+        config["image_size"] = int(image_size)
     tower = build_vision_tower(config)
     if state is not None:
         missing, unexpected = tower.backbone.load_state_dict(state, strict=False)
