@@ -42,7 +42,7 @@ class ChatReply:
 
 def find_export(path: str | Path) -> Path:
     """A run folder's export (runs/vlm -> runs/vlm/export), or the export folder itself."""
-    from mm.vlm.model import CONFIG_FILE
+    from mm.vlm.model import VLM_CONFIG as CONFIG_FILE
     path = Path(path)
     for candidate in (path, path / "export"):
         if (candidate / CONFIG_FILE).is_file():

