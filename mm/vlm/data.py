@@ -5,7 +5,7 @@ and decoding, the chat template and tokenisation all happen there, off the train
 batcher (TokenPacker for packed training, FixedBatcher for the padded mode) groups what it returns.
 
     decode = vlm_decoder(tokenizer, transform, image_tokens=16, max_tokens=512)
-    sample = decode(raw)  # {"input_ids": [T], "labels": [T], "pixels": [n, 3, H, W] | None, "n_loss": int}
+    sample = decode(raw)  # {"input_ids": [T], "labels": [T], "pixel_values": [n, 3, H, W] | None, "n_loss": int}
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def _tensors(tokens, images: list) -> dict:
     """Ids and labels as int64 tensors, the images kept after truncation stacked [n, 3, H, W]."""
     kept = images[:tokens.n_images]
     return {"input_ids": torch.tensor(tokens.input_ids), "labels": torch.tensor(tokens.labels),
-            "pixels": torch.stack(kept) if kept else None,
+            "pixel_values": torch.stack(kept) if kept else None,
             "n_loss": sum(1 for t in tokens.labels if t != -100)}
 
 
@@ -81,6 +81,6 @@ def _padded(samples: list[dict], pad_id: int) -> dict:
 
 
 def _images(samples: list[dict]) -> dict:
-    pixels = [s["pixels"] for s in samples if s["pixels"] is not None]
+    pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
     return {"pixel_values": torch.cat(pixels) if pixels else None, "n_samples": len(samples),
             "n_loss": sum(s["n_loss"] for s in samples)}

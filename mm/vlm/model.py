@@ -179,6 +179,45 @@ def pack_batch(samples: list[dict]) -> dict:
             "pixel_values": _images(samples)}
 
 
+def pack_rows(samples: list[dict], row_tokens: int, pad_id: int) -> dict:
+    """Samples packed into rows of up to `row_tokens` tokens (first fit, longest first), the rows then padded at
+    their ends to the longest: input_ids / labels / position_ids / sample_index [R, L], pixel_values in row order.
+
+    Why rows and not one long row: attention without a kernel for variable-length packs (SDPA on CPU, eager)
+    costs the whole row's T^2 under a block-diagonal mask, so one 2,048-token row of 100-token samples costs
+    ~20x the attention the samples need; rows a few samples long keep that small while padding stays a few
+    percent. The end pads need no mask: their positions continue the row's last sample, and causal attention
+    never lets an earlier (real) token see them; their labels are IGNORE_INDEX.
+    """
+    lengths = [len(_ids(s["input_ids"])) for s in samples]
+    if max(lengths) > row_tokens:
+        raise ValueError(f"a sample of {max(lengths)} tokens does not fit rows of {row_tokens}")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for k in sorted(range(len(samples)), key=lambda k: -lengths[k]):
+        r = next((r for r, left in enumerate(room) if left >= lengths[k]), None)
+        if r is None:
+            rows.append([]), room.append(row_tokens)
+            r = len(rows) - 1
+        rows[r].append(k)
+        room[r] -= lengths[k]
+    packs = [pack_batch([samples[k] for k in row]) for row in rows]
+    width = max(p["input_ids"].shape[1] for p in packs)
+    out = {"input_ids": [], "labels": [], "position_ids": [], "sample_index": []}
+    offset = 0
+    for pack in packs:
+        pad = width - pack["input_ids"].shape[1]
+        last_pos, last_index = int(pack["position_ids"][0, -1]), int(pack["sample_index"][0, -1]) + offset
+        out["input_ids"].append(torch.cat([pack["input_ids"][0], torch.full((pad,), pad_id)]))
+        out["labels"].append(torch.cat([pack["labels"][0], torch.full((pad,), IGNORE_INDEX)]))
+        out["position_ids"].append(torch.cat([pack["position_ids"][0], torch.arange(last_pos + 1, last_pos + 1 + pad)]))
+        out["sample_index"].append(torch.cat([pack["sample_index"][0] + offset, torch.full((pad,), last_index)]))
+        offset = last_index + 1
+    images = [p["pixel_values"] for p in packs if p["pixel_values"] is not None]
+    return {k: torch.stack(v) for k, v in out.items()} | {
+        "pixel_values": torch.cat(images) if images else None, "order": [k for row in rows for k in row]}
+
+
 def pad_batch(samples: list[dict], pad_id: int) -> dict:
     """The padded layout of the same samples: input_ids / labels / attention_mask [B, max T_i], right padding,
     labels IGNORE_INDEX on pads; pixel_values as in pack_batch."""
