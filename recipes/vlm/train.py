@@ -185,8 +185,10 @@ def validate_data(cfg: VLMConfig, urls: list[str], tokenizer, image_tokens: int)
         if bad and not cfg.skip_bad_lines:
             raise SystemExit(f"{url}: {len(bad)} bad line(s), listed above. Fix them, or train on the rest with "
                              "--skip_bad_lines=true (they are skipped and counted)")
-        stats["examples"] += report.examples
-        stats["tokens"] += report.tokens_total or 0
+        # the validator counts lines over --max_tokens as bad, but training keeps them, truncated to max_tokens
+        too_long = report.bad_by_reason["too_many_tokens"]
+        stats["examples"] += report.examples + too_long
+        stats["tokens"] += (report.tokens_total or 0) + too_long * cfg.max_tokens
         stats["loss_tokens"] += report.loss_tokens or 0
     return stats
 
