@@ -3,13 +3,14 @@
     chat = VisionChat.from_checkpoint("runs/vlm")
     reply = chat.chat([{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "scene.png"}},
-        {"type": "text", "text": "What colour is the star?"}]}], max_new_tokens=32)
+        {"type": "text", "text": "What colour is the star?"}]}], max_new_tokens=32, image_root=".")
     print(reply.text)
     for piece in chat.stream(messages): print(piece, end="")
 
 Messages are in OpenAI's chat format (content a string or text / image_url parts; an image url is a
-data: URL, a local path or file:// URL). They are checked with the same rules as training data, and
-every image is checked against max_pixels before it is decoded, so bad input fails before generation.
+data: URL, a file:// URL, an absolute path, or a path relative to `image_root`). They are checked with
+the same rules as training data, and every image is checked against max_pixels before it is decoded,
+so bad input fails before generation.
 Generation is the language model's own `generate` (KV cache, sampling, stopping) on the prompt's
 embeddings with the image features in place; batches are left-padded.
 """
@@ -85,8 +86,9 @@ class VisionChat:
         self.max_images, self.max_pixels, self.max_image_bytes, self.name = max_images, max_pixels, max_image_bytes, name
         self.transform = image_transform(model.vision, train=False)
         self.image_tokens = model.tokens_per_image
-        self.context = int(config.get("max_context") or getattr(model.lm.config, "max_position_embeddings", 2048))
-        self.max_prompt_tokens = max(1, self.context - int(config.get("answer_room", 64)))
+        extra = config.get("extra") or {}  # what the recipe saved with the model (save_vlm's extra_config)
+        self.context = int(extra.get("max_context") or getattr(model.lm.config, "max_position_embeddings", 2048))
+        self.max_prompt_tokens = max(1, self.context - int(extra.get("answer_room", 64)))
         self.stop_ids = stop_token_ids(tokenizer)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -102,7 +104,7 @@ class VisionChat:
 
     def prepare(self, messages, image_root: str | None = None) -> tuple[list[int], torch.Tensor | None]:
         """Check and tokenise one conversation: (prompt ids, pixels [n, 3, H, W] or None). Relative image
-        paths are read from `image_root` (default: the working directory)."""
+        paths are read from `image_root`; without one they are refused (mm.media.read_ref)."""
         from mm.vlm.chat import prompt_ids
         canonical, urls = normalise_messages(messages, self.max_images)
         images = []
@@ -148,8 +150,8 @@ class VisionChat:
         return [self._reply(row.tolist(), len(ids), max_new_tokens) for row, (ids, _) in zip(out, prepared)]
 
     def chat(self, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
-             top_p: float = 1.0) -> ChatReply:
-        return self.chat_batch([messages], max_new_tokens, temperature, top_p)[0]
+             top_p: float = 1.0, image_root: str | None = None) -> ChatReply:
+        return self.chat_batch([messages], max_new_tokens, temperature, top_p, image_root)[0]
 
     def _reply(self, new_ids: list[int], prompt_tokens: int, max_new_tokens: int) -> ChatReply:
         """generate() with inputs_embeds returns only the new tokens; cut at the first stop token."""
@@ -160,11 +162,11 @@ class VisionChat:
         return ChatReply(text, prompt_tokens, len(kept) + (stop is not None), finish)
 
     def stream(self, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
-               top_p: float = 1.0) -> Iterator[str]:
+               top_p: float = 1.0, image_root: str | None = None) -> Iterator[str]:
         """Text pieces as they are generated. Input is checked before the first piece is yielded."""
         from transformers import TextIteratorStreamer
         kwargs = self._generate_kwargs(max_new_tokens, temperature, top_p)
-        prepared = [self.prepare(messages)]
+        prepared = [self.prepare(messages, image_root)]
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=False, skip_special_tokens=True, timeout=600)
         errors: list[BaseException] = []
 

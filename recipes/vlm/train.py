@@ -185,8 +185,10 @@ def validate_data(cfg: VLMConfig, urls: list[str], tokenizer, image_tokens: int)
         if bad and not cfg.skip_bad_lines:
             raise SystemExit(f"{url}: {len(bad)} bad line(s), listed above. Fix them, or train on the rest with "
                              "--skip_bad_lines=true (they are skipped and counted)")
-        stats["examples"] += report.examples
-        stats["tokens"] += report.tokens_total or 0
+        # the validator counts lines over --max_tokens as bad, but training keeps them, truncated to max_tokens
+        too_long = report.bad_by_reason["too_many_tokens"]
+        stats["examples"] += report.examples + too_long
+        stats["tokens"] += (report.tokens_total or 0) + too_long * cfg.max_tokens
         stats["loss_tokens"] += report.loss_tokens or 0
     return stats
 
@@ -205,12 +207,15 @@ def choose_schedule(cfg: VLMConfig, n_examples: int, mean_tokens: float) -> dict
         chosen["lr_multiplier"], _ = choice.value, reasons.append(choice.reason)
     else:
         chosen["lr_multiplier"] = cfg.lr_multiplier
-    chosen["max_steps"] = cfg.max_steps or auto.steps_for(n_examples, chosen["n_epochs"], chosen["batch_size"])
     # a step is grad_accum packs of up to pack_tokens tokens, together about batch_size examples (a pack is
     # never shorter than one sample may be)
     step_tokens = chosen["batch_size"] * mean_tokens
     chosen["grad_accum"] = max(1, math.ceil(step_tokens / cfg.pack_tokens))
     chosen["pack_tokens"] = max(cfg.max_tokens, min(cfg.pack_tokens, math.ceil(step_tokens / chosen["grad_accum"])))
+    # steps from the examples a step really takes: when batch_size examples are fewer tokens than --max_tokens,
+    # the pack (at least max_tokens long) holds more of them, and counting batch_size would run extra epochs
+    per_step = max(chosen["batch_size"], chosen["grad_accum"] * chosen["pack_tokens"] / mean_tokens)
+    chosen["max_steps"] = cfg.max_steps or auto.steps_for(n_examples, chosen["n_epochs"], per_step)
     for reason in reasons:
         log.info("auto: %s", reason)
     return chosen
