@@ -142,7 +142,7 @@ def test_sequence_logprobs_per_packed_sample_match_alone(vlm, samples):
 def test_image_token_count_must_match_the_images(vlm, samples):
     model, _ = vlm
     packed = pack_batch(samples)
-    with pytest.raises(ValueError, match=r"16 <image> tokens but 3 images x 4 tokens per image"):
+    with pytest.raises(ValueError, match=rf"{4 * model.tokens_per_image} <image> tokens but 3 images x {model.tokens_per_image} tokens per image"):
         model(packed["input_ids"], packed["pixel_values"][:3], position_ids=packed["position_ids"])
     with pytest.raises(ValueError, match="but 0 images"):
         model(packed["input_ids"], None, position_ids=packed["position_ids"])
@@ -170,7 +170,7 @@ def test_save_and_load_round_trip_without_the_original_files(tmp_path, samples):
     shutil.rmtree(export), shutil.rmtree(tmp_path / "tok")  # the saved folder must stand alone
     assert (out / "vlm_config.json").is_file() and (out / "model.safetensors").is_file()
     loaded, tokenizer2, config = load_vlm(out)
-    assert config["tokens_per_image"] == 4 and config["extra"] == {"recipe": "test"} and config["image_size"] == 64
+    assert config["tokens_per_image"] == 16 and config["extra"] == {"recipe": "test"} and config["image_size"] == 64
     assert loaded.lm.get_output_embeddings().weight is loaded.lm.get_input_embeddings().weight  # still tied
     packed = pack_batch(samples)
     with torch.no_grad():

@@ -29,14 +29,21 @@ def clip_export(tmp_path_factory):
 
 
 def test_clip_export_resnet_tokens_are_the_map_before_pooling(clip_export):
+    """layer=-1: the last stage's map (before attention pooling); the default -2: the stage before, 2x the grid."""
     folder, clip = clip_export
-    tower = load_vision_tower(f"clip:{folder}")
+    tower = load_vision_tower(f"clip:{folder}", layer=-1)
     assert (tower.num_tokens, tower.out_dim, tower.image_size) == (4, 16 * 32, 64)  # 64 px / 32 = 2x2, width*32
     x = pixels(size=64)
     visual = clip.visual.eval()
     with torch.no_grad():
-        fmap = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(x)))))  # [2, 512, 2, 2]
+        stage3 = visual.layer3(visual.layer2(visual.layer1(visual.stem(x))))  # [2, 256, 4, 4]
+        fmap = visual.layer4(stage3)  # [2, 512, 2, 2]
         tokens = tower(x)
+        penultimate = load_vision_tower(f"clip:{folder}")
+        assert (penultimate.num_tokens, penultimate.out_dim) == (16, 16 * 16)
+        torch.testing.assert_close(penultimate(x), stage3.flatten(2).transpose(1, 2))
+        bigger = load_vision_tower(f"clip:{folder}", layer=-1, image_size=128)  # a convnet takes any input size
+        assert bigger.num_tokens == 16 and bigger(pixels(size=128)).shape == (2, 16, 512)
     assert tokens.shape == (2, 4, 512)
     torch.testing.assert_close(tokens, fmap.flatten(2).transpose(1, 2))  # the export's weights, row-major grid
     assert load_vision_tower(str(folder.parent / "export")).source == "clip"  # a bare folder is recognised

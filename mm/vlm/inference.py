@@ -163,10 +163,13 @@ class VisionChat:
 
     def stream(self, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, image_root: str | None = None) -> Iterator[str]:
-        """Text pieces as they are generated. Input is checked before the first piece is yielded."""
-        from transformers import TextIteratorStreamer
+        """Text pieces as they are generated. Bad input raises here, at the call, not at the first next()."""
         kwargs = self._generate_kwargs(max_new_tokens, temperature, top_p)
         prepared = [self.prepare(messages, image_root)]
+        return self._stream(prepared, kwargs)
+
+    def _stream(self, prepared: list, kwargs: dict) -> Iterator[str]:
+        from transformers import TextIteratorStreamer
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=False, skip_special_tokens=True, timeout=600)
         errors: list[BaseException] = []
 
