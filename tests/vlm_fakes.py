@@ -79,8 +79,13 @@ class FakeVisionChat:
             raise FileNotFoundError(f"{path}: no trained vision-chat model here. {TRAIN_HINT}")
         return cls(name=Path(path).name)
 
+    def hold(self, after: int) -> None:
+        """Hold the next generations after `after` pieces, until release()."""
+        self._gate.clear()
+        self.hold_after = after
+
     def release(self) -> None:
-        """Let a stream held at hold_after pieces go on."""
+        """Let a generation held at hold_after pieces go on."""
         self._gate.set()
 
     # ---------------------------------------------------------------- the checks, as the real one's
