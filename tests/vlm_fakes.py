@@ -64,7 +64,8 @@ class FakeVisionChat:
     def __init__(self, max_images: int = 2, max_prompt_tokens: int = 120, max_pixels: int = 1_000_000,
                  name: str = "fake-vlm", delay: float = 0.0, hold_after: int | None = None,
                  stream_returns_reply: bool = True):
-        self.max_images, self.max_prompt_tokens, self.max_pixels, self.name = max_images, max_prompt_tokens, max_pixels, name
+        self.max_images, self.max_prompt_tokens, self.max_pixels = max_images, max_prompt_tokens, max_pixels
+        self.name = name
         self.delay, self.hold_after, self.stream_returns_reply = delay, hold_after, stream_returns_reply
         self.calls: list[dict] = []  # each generation's arguments and prompt, for the tests to read
         self.active = self.most_active = 0  # generations running at once (now / at most)
@@ -79,8 +80,13 @@ class FakeVisionChat:
             raise FileNotFoundError(f"{path}: no trained vision-chat model here. {TRAIN_HINT}")
         return cls(name=Path(path).name)
 
+    def hold(self, after: int) -> None:
+        """Hold the next generations after `after` pieces, until release()."""
+        self._gate.clear()
+        self.hold_after = after
+
     def release(self) -> None:
-        """Let a stream held at hold_after pieces go on."""
+        """Let a generation held at hold_after pieces go on."""
         self._gate.set()
 
     # ---------------------------------------------------------------- the checks, as the real one's
