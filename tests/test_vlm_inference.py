@@ -173,7 +173,7 @@ def bad_requests(tmp_path, vlm_data, max_prompt_tokens: int):
         (ask("What is it?", str(tmp_path / "bomb.png")), ImageTooLarge, r"image too large \(Image size \(3600000000"),
         (ask("What is it?", str(tmp_path / "big.png")), ImageTooLarge, "8000x7000 = 56,000,000 pixels exceeds"),
         (ask("What is it?", "data:image/png;base64,!!!"), ValueError, "bad base64"),
-        (ask("What is it?", "images/heldout/000000.png"), ValueError, "a relative path, and no folder"),
+        (ask("What is it?", "images/heldout/000000.png"), FileNotFoundError, "no such file"),  # relative to the cwd
         (ask("word " * max_prompt_tokens, png), PromptTooLong, f"over the limit of {max_prompt_tokens}"),
     ]
 

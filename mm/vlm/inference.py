@@ -8,7 +8,8 @@
     for piece in chat.stream(messages): print(piece, end="")
 
 Messages are in OpenAI's chat format (content a string or text / image_url parts; an image url is a
-data: URL, a file:// URL, an absolute path, or a path relative to `image_root`). They are checked with
+data: URL, a file:// URL, an absolute path, or a path relative to `image_root`, default the working
+directory). They are checked with
 the same rules as training data, and every image is checked against max_pixels before it is decoded,
 so bad input fails before generation.
 Generation is the language model's own `generate` (KV cache, sampling, stopping) on the prompt's
@@ -16,6 +17,7 @@ embeddings with the image features in place; batches are left-padded.
 """
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +111,7 @@ class VisionChat:
         canonical, urls = normalise_messages(messages, self.max_images)
         images = []
         for i, url in enumerate(urls):
-            data = read_ref(url, image_root, self.max_image_bytes)
+            data = read_ref(url, image_root or os.getcwd(), self.max_image_bytes)
             images.append(self.transform(open_image(data, self.max_pixels, name=f"image {i} ({short_ref(url)})")))
         ids = prompt_ids(self.tokenizer, canonical, self.image_tokens)
         if len(ids) > self.max_prompt_tokens:
