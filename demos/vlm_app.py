@@ -162,7 +162,8 @@ def make_respond(chat, model: str):
                 yield text
         except (ValueError, FileNotFoundError) as e:  # ChatFormatError, PromptTooLong, an image gone from the cache
             message = without_paths(str(e), image_paths(messages))
-            if "PromptTooLong" in {c.__name__ for c in type(e).__mro__}:  # known by name: no model code to import
+            from mm.vlm.server import is_prompt_too_long
+            if is_prompt_too_long(e):
                 message = message.rstrip(".") + ". Clear the chat (the bin above it) to start a new one."
             raise gr.Error(message) from None
         if not text.strip():

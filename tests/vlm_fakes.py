@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 import types
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -24,24 +23,13 @@ import numpy as np
 
 from mm.decoders import ChatFormatError, _message
 from mm.media import open_image, read_ref, short_ref
+from mm.vlm.inference import ChatReply, PromptTooLong  # the real ones: the stand-in raises and returns them
 
 HOLD_GUARD_S = 120  # a hang guard for a held generation, not a speed limit
 IMAGE_TOKENS = 16  # prompt tokens an image counts for
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (230, 220, 40),
            "white": (245, 245, 245), "black": (10, 10, 10)}
 TRAIN_HINT = "Train one with: python recipes/vlm/train.py"
-
-
-class PromptTooLong(ValueError):
-    """The real one is mm.vlm.inference.PromptTooLong; the server and demo must know it by its name only."""
-
-
-@dataclass
-class ChatReply:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" | "length"
 
 
 def colour_name(image) -> str:

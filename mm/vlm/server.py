@@ -106,9 +106,10 @@ async def validation_error(request, exc: RequestValidationError) -> JSONResponse
 
 
 def is_prompt_too_long(error: Exception) -> bool:
-    """mm.vlm.inference.PromptTooLong, known by name: importing it would load the model code, and a stand-in
-    (tests.vlm_fakes) has its own."""
-    return any(cls.__name__ == "PromptTooLong" for cls in type(error).__mro__)
+    """mm.vlm.inference.PromptTooLong (a light import: the model code loads only with a checkpoint; the test
+    stand-in raises the same class)."""
+    from mm.vlm.inference import PromptTooLong
+    return isinstance(error, PromptTooLong)
 
 
 def input_error(error: Exception) -> ApiError | None:
