@@ -38,6 +38,7 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from mm.config import parse_bool  # re-exported: the other data tools import it from here
 from mm.media import IMAGE_EXTENSIONS  # one list of image file types for the whole kit
 
 KINDS = ("auto", "folder", "manifest", "classes")
@@ -349,13 +350,6 @@ def write_shards(input: str, output: str, kind: str = "auto", image_size: int = 
 
 
 # ---------------------------------------------------------------- command line
-
-def parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,6 +57,16 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def parse_bool(text: str) -> bool:
+    """An argparse `type=` for true/false flags (argparse's `type=bool` takes "false" as True)."""
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    import argparse  # an ArgumentTypeError is what argparse reports as a usage error
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def coerce(value: Any, tp, key: str) -> Any:
     """Convert `value` (a YAML value or a command-line string) to type `tp`, or raise ConfigError."""
     origin = typing.get_origin(tp)
