@@ -127,7 +127,8 @@ def make_sample(rng: random.Random, image_size: int, multi_prob: float = 0.25,
     return img, caption, f"{colour} {shape}"
 
 
-def _png(img: Image.Image) -> bytes:
+def encode_png(img: Image.Image) -> bytes:
+    """PNG bytes, fast to write (compress level 1): the images are tiny."""
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
@@ -142,7 +143,7 @@ def write_split(out: Path, n: int, seed: int, image_size: int, per_shard: int, l
             # the labelled split is balanced: class i % C for sample i
             img, caption, label = make_sample(rng, image_size, multi_prob=0.0 if labelled else 0.25,
                                               label=names[i % len(names)] if labelled else None)
-            sample = {"__key__": f"{i:08d}", "png": _png(img), "txt": caption}
+            sample = {"__key__": f"{i:08d}", "png": encode_png(img), "txt": caption}
             if labelled:
                 sample["json"] = json.dumps({"label": label, "label_index": names.index(label)}).encode()
             sink.write(sample)
@@ -157,17 +158,25 @@ def check_prompts_unseen(captions: set[str]) -> None:
         raise AssertionError(f"zero-shot prompts appear verbatim as training captions: {leaked[:5]}")
 
 
+def write_heldout_splits(out: Path, val: int, zeroshot_per_class: int, image_size: int, per_shard: int,
+                         seed: int) -> int:
+    """The val and zero-shot splits (and the zero-shot class names and prompts) under `out`; returns the
+    number of zero-shot images. Other training sets (data_tools.synthetic_noisy_clip) share them."""
+    write_split(out / "val", val, seed + 1, image_size, per_shard, False, "val shards")
+    n_zs = zeroshot_per_class * len(class_names())
+    write_split(out / "zeroshot", n_zs, seed + 2, image_size, per_shard, True, "zero-shot shards")
+    (out / "zeroshot" / "classnames.json").write_text(json.dumps(class_names(), indent=1))
+    (out / "zeroshot" / "templates.json").write_text(json.dumps(list(ZEROSHOT_TEMPLATES), indent=1))
+    return n_zs
+
+
 def write_synthetic_clip(out: str | Path, train: int = 60000, val: int = 1000, zeroshot_per_class: int = 20,
                          image_size: int = 64, per_shard: int = 2500, seed: int = 0) -> dict:
     """Write the three splits and info.json under `out`; returns the info dict."""
     out = Path(out)
     captions = write_split(out / "train", train, seed, image_size, per_shard, False, "train shards")
     check_prompts_unseen(captions)
-    write_split(out / "val", val, seed + 1, image_size, per_shard, False, "val shards")
-    n_zs = zeroshot_per_class * len(class_names())
-    write_split(out / "zeroshot", n_zs, seed + 2, image_size, per_shard, True, "zero-shot shards")
-    (out / "zeroshot" / "classnames.json").write_text(json.dumps(class_names(), indent=1))
-    (out / "zeroshot" / "templates.json").write_text(json.dumps(list(ZEROSHOT_TEMPLATES), indent=1))
+    n_zs = write_heldout_splits(out, val, zeroshot_per_class, image_size, per_shard, seed)
     info = {"train": train, "val": val, "zeroshot": n_zs, "classes": len(class_names()),
             "image_size": image_size, "seed": seed, "distinct_train_captions": len(captions)}
     (out / "info.json").write_text(json.dumps(info, indent=1))
