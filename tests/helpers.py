@@ -153,3 +153,11 @@ def chromium_or_skip():
         pytest.fail(f"CI must run the browser test: {missing}")
     if missing:
         pytest.skip(missing)
+
+
+def launch_chromium(pw, *extra_args: str):
+    """Debian's chromium, headless, from a `sync_playwright()` handle, with the flags every browser test uses
+    (no sandbox inside containers, no GPU, no background requests: the tests run offline). Call
+    chromium_or_skip() first."""
+    return pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", *extra_args])
