@@ -83,11 +83,11 @@ def noise_pairs(n: int, seed: int = 0, size: int = 32, block: int = 4) -> list[d
 
 
 def read_output(folder: Path) -> list[dict]:
-    """Every sample of the .tar shards in `folder`, in shard order (without __url__)."""
+    """Every sample of the .tar shards in `folder` (or of one shard), in shard order (without __url__)."""
     from mm.shards import COUNTS, read_samples
 
     counts = dict.fromkeys(COUNTS, 0)
-    urls = sorted(str(p) for p in Path(folder).glob("*.tar"))
+    urls = [str(folder)] if Path(folder).is_file() else sorted(str(p) for p in Path(folder).glob("*.tar"))
     out = [{k: v for k, v in s.items() if k != "__url__"} for s in read_samples(urls, counts)]
     assert counts["bad_shards"] == 0, f"unreadable output shards in {folder}"
     return out
