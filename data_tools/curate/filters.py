@@ -100,7 +100,7 @@ def check_language(text: str, detector, allowed: set[str], min_confidence: float
     best = values[0]
     code = best.language.iso_code_639_1.name.lower()
     if code not in allowed:
-        return "language", f"{code} ({best.value:.2f}), not one of {','.join(sorted(allowed))}"
+        return "language", f"{code} ({best.value:.2f}), not one of {','.join(sorted(allowed))}: {text[:80]!r}"
     if best.value < min_confidence:
         return "language", f"{code} at confidence {best.value:.2f} < {min_confidence}"
     return None
