@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from data_tools.curate import dedup, filters, reshard
-from tests.curate_fixtures import image_bytes, keys, noise_pairs, pair, read_output, read_report, tree_digest, write_shards
+from tests.curate_fixtures import (image_bytes, keys, noise_pairs, pair, read_output, read_report, tree_digest,
+                                   write_shards)
 from tests.helpers import ROOT, SUBPROCESS_ENV
 
 

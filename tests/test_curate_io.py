@@ -162,6 +162,7 @@ def test_rerun_replaces_only_its_own_shards_and_never_changes_the_input(tmp_path
     with pytest.raises(ValueError, match="no curation run wrote"):
         run_chain(str(tmp_path / "in"), OutputConfig(str(out)), [Step("copy", copy_step, None)], tool="copy")
     assert (out / "mine.tar").exists() and read_report(out)["files"] == second["files"]
-    run_chain(str(tmp_path / "in"), OutputConfig(str(out), overwrite=True), [Step("copy", copy_step, None)], tool="copy")
+    run_chain(str(tmp_path / "in"), OutputConfig(str(out), overwrite=True), [Step("copy", copy_step, None)],
+              tool="copy")
     assert not (out / "mine.tar").exists()  # overwrite replaces foreign shards: a loader would read them
     assert tree_digest(tmp_path / "in") == before
