@@ -1,6 +1,7 @@
 """SemDeDup: with a crafted embedder (an image's colour picks its embedding), exactly one member of each planted
 group is kept and no distinct item is dropped, over several clusters and blocks; a chain A~B~C keeps C (the
-reference code drops it); the keep order; and a real (untrained) CLIP from open_clip weights on disk, end to end through the command line."""
+reference code drops it); the keep order; and a real (untrained) CLIP from open_clip weights on disk, end to end
+through the command line."""
 from __future__ import annotations
 
 import io

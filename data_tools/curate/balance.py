@@ -45,7 +45,7 @@ TOP_ENTRIES = 20  # entries listed in the report, by samples admitted
 
 @dataclass
 class BalanceConfig:
-    by: Literal["entry", "language"] = "entry"  # entry: the caption/transcript matches entries; language: json "language"
+    by: Literal["entry", "language"] = "entry"  # entry: match the caption/transcript; language: the json "language"
     entries: list[str] = field(default_factory=list)  # entries (a YAML list, or comma-separated on the command line)
     entries_file: str = ""  # a file of entries, one per line (blank lines and lines starting with # skipped)
     cap: int = 1000  # samples each entry (or language) admits at most (MetaCLIP: 20000 for 400M pairs)

@@ -14,6 +14,7 @@ can stand in for a ClipEmbedder (the curation steps take one as a parameter; tes
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol, Sequence
 
@@ -45,11 +46,13 @@ class ClipEmbedder:
 
         from mm.clip.evaluate import encode_images
 
-        out = [np.zeros((0, self.dim), np.float32)]
+        if not len(images):
+            return np.zeros((0, self.dim), np.float32)
+        out = []
         for start in range(0, len(images), self.batch_size):
             pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images[start:start + self.batch_size]])
             out.append(encode_images(self.model, pixels.to(self.device)).cpu().numpy())
-        return np.concatenate(out).astype(np.float32, copy=False)
+        return np.concatenate(out)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """[N] strings -> [N, D] float32 unit vectors (the tokenizer truncates to the model's context)."""
@@ -86,9 +89,16 @@ def load_clip_embedder(checkpoint: str, pretrained: str | None = None, device: s
     Raises FileNotFoundError for a missing checkpoint or weights file, ValueError for a bad combination
     and CheckpointError (a ValueError) for a file that is not a CLIP checkpoint.
     """
+    clf = load_classifier(checkpoint, pretrained, str(resolve_device(device)))
+    return ClipEmbedder(clf.model, clf.preprocess, clf.tokenizer, clf.device, batch_size, name=clf.name)
+
+
+@functools.lru_cache(maxsize=2)
+def load_classifier(checkpoint: str, pretrained: str | None, device: str):
+    """The model loaded once per (checkpoint, weights, device) in a process: a pipeline with both clip_score
+    and semdedup on one checkpoint reads and builds it once."""
     from mm.zeroshot import ZeroShotClassifier
 
-    dev = resolve_device(device)
     if checkpoint.startswith(OPEN_CLIP_PREFIX):
         name = checkpoint[len(OPEN_CLIP_PREFIX):]
         if not pretrained:
@@ -97,13 +107,11 @@ def load_clip_embedder(checkpoint: str, pretrained: str | None = None, device: s
                              f"nothing is downloaded)")
         if not Path(pretrained).is_file():
             raise FileNotFoundError(f"pretrained={pretrained}: no such weights file (nothing is downloaded)")
-        clf = ZeroShotClassifier.from_pretrained(name, pretrained, device=dev)
-    else:
-        if pretrained:
-            raise ValueError(f"pretrained={pretrained} only goes with checkpoint=open_clip:NAME; "
-                             f"{checkpoint} carries its own weights")
-        clf = ZeroShotClassifier.from_checkpoint(checkpoint, device=dev)
-    return ClipEmbedder(clf.model, clf.preprocess, clf.tokenizer, clf.device, batch_size, name=clf.name)
+        return ZeroShotClassifier.from_pretrained(name, pretrained, device=device)
+    if pretrained:
+        raise ValueError(f"pretrained={pretrained} only goes with checkpoint=open_clip:NAME; "
+                         f"{checkpoint} carries its own weights")
+    return ZeroShotClassifier.from_checkpoint(checkpoint, device=device)
 
 
 def embed_samples(samples: Iterable[dict], embedder: Embedder, report, batch_size: int = 64,
