@@ -142,3 +142,21 @@ def test_command_line_with_open_clip_weights_on_disk_drops_only_the_planted_copi
     assert sorted(keys(read_output(tmp_path / "out"))) == [f"orig{i:02d}" for i in range(20)]
     step = step_report(read_report(tmp_path / "out"), "semdedup")
     assert (step["n_in"], step["n_out"], step["drops"]) == (28, 20, {"semantic_duplicate": 8})
+
+
+def test_spill_gives_back_samples_rows_and_keys_exactly(tmp_path):
+    from data_tools.curate.spill import Spill
+
+    samples = [{"__key__": f"dir/a.b.{i}", "__url__": "pipe:cat x.tar", "jpg": bytes([i]) * 3, "json": b"{}"}
+               for i in range(5)]
+    with Spill(str(tmp_path), dim=3) as spill:
+        for i, s in enumerate(samples):
+            spill.add(s, [i, i + 0.5, -i])
+        rows = spill.rows()
+        assert len(rows) == 5 and rows[1:3].tolist() == [[1, 1.5, -1], [2, 2.5, -2]]
+        assert rows[np.array([4, 0])][:, 0].tolist() == [4, 0] and rows[:, 2].tolist() == [0, -1, -2, -3, -4]
+        assert [spill.key(i) for i in (4, 0, 2)] == ["dir/a.b.4", "dir/a.b.0", "dir/a.b.2"]
+        assert list(spill.samples()) == samples
+    with Spill(str(tmp_path), dim=3) as spill, pytest.raises(ValueError, match="3 wide"):
+        spill.add(samples[0], [1, 2])
+    assert list(tmp_path.iterdir()) == []  # both removed on close

@@ -99,7 +99,7 @@ def n_clusters_for(n: int, cfg: SemDedupConfig) -> int:
 
 def cluster(emb: np.ndarray, cfg: SemDedupConfig) -> tuple[np.ndarray, np.ndarray, int]:
     """([N] cluster of each row, [N] cosine similarity of each row to its cluster's centroid, k), with k-means fed
-    `block_size` rows at a time from the (memory-mapped) [N, D] embeddings."""
+    `block_size` rows at a time from the [N, D] embeddings on disk (a RowFile; an array works too)."""
     from sklearn.cluster import MiniBatchKMeans
 
     n = len(emb)

@@ -1,12 +1,12 @@
 """Spilling a stream to disk for steps that must see the whole input before deciding (top-k% CLIP score,
 SemDeDup): raw samples go to a temp tar in arrival order, one float32 row per sample to a flat file read
-back as a numpy memmap, and keys to a file with an offset index. RAM stays flat however long the stream:
-what is held is one sample and one row at a time, plus 8 bytes per sample of key offsets (on disk, mapped).
+back in blocks, and keys to a file with an offset index. RAM stays flat however long the stream:
+what is held is one sample and one row at a time; keys are looked up through an offset file on disk.
 
     with Spill(tmp_dir, dim=512) as spill:
         for sample, row in scored:
             spill.add(sample, row)
-        rows = spill.rows()                    # [N, 512] read-only memmap
+        rows = spill.rows()                    # [N, 512] on disk: rows[a:b], rows[idx] read copies
         for i, sample in enumerate(spill.samples()):   # the raw samples again, in order, byte-identical
             ...
 
@@ -16,6 +16,7 @@ with dots, `__url__` and any other field come back exactly as they went in.
 from __future__ import annotations
 
 import io
+import mmap
 import shutil
 import tarfile
 import tempfile
@@ -41,7 +42,6 @@ class Spill:
         self._keys = open(self.dir / "keys.txt", "wb")
         self._key_offsets = open(self.dir / "keys.i64", "wb")
         self._key_pos = 0
-        self._offsets: np.ndarray | None = None
 
     def add(self, sample: dict, row) -> None:
         """Append a raw sample (str or bytes values) and its row ([dim] floats, or a scalar when dim is 1)."""
@@ -61,6 +61,7 @@ class Spill:
             info = tarfile.TarInfo(f"{self.n:012d}/{kind}{field}")
             info.size = len(data)
             self._tar.addfile(info, io.BytesIO(data))
+        self._tar.members = []  # TarFile keeps every TarInfo it wrote otherwise (~1 KB a sample)
         self._rows.write(row.tobytes())
         key = str(sample.get("__key__", "")).encode("utf-8", "surrogateescape")
         self._keys.write(key)
@@ -74,20 +75,18 @@ class Spill:
             for f in (self._rows, self._keys, self._key_offsets):
                 f.close()
 
-    def rows(self) -> np.ndarray:
-        """[N, dim] float32, read-only, mapped from disk (an empty array when nothing was added)."""
+    def rows(self) -> "RowFile":
+        """The [N, dim] float32 rows on disk; index it like an array to read copies of some of them."""
         self._finish_writing()
-        if self.n == 0:
-            return np.zeros((0, self.dim), np.float32)
-        return np.memmap(self.dir / "rows.f32", dtype=np.float32, mode="r", shape=(self.n, self.dim))
+        return RowFile(self.dir / "rows.f32", self.n, self.dim)
 
     def key(self, i: int) -> str:
         """The `__key__` of sample i."""
         self._finish_writing()
-        if self._offsets is None:
-            self._offsets = np.memmap(self.dir / "keys.i64", dtype=np.int64, mode="r", shape=(self.n,))
-        start = int(self._offsets[i])
-        end = int(self._offsets[i + 1]) if i + 1 < self.n else self._key_pos
+        with open(self.dir / "keys.i64", "rb") as f:
+            f.seek(8 * i)
+            start, *rest = np.frombuffer(f.read(16), dtype=np.int64).tolist()
+        end = rest[0] if rest else self._key_pos
         with open(self.dir / "keys.txt", "rb") as f:
             f.seek(start)
             return f.read(end - start).decode("utf-8", "surrogateescape")
@@ -118,3 +117,25 @@ class Spill:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RowFile:
+    """An [N, dim] float32 file, indexed like a numpy array (`rows[a:b]`, `rows[index_array]`, `rows[:, 0]`):
+    each read maps the file, copies what was asked for and unmaps it again, so the pages read do not stay in
+    the process's resident memory (a long-lived np.memmap keeps every page it touched in RSS until it is
+    closed: the whole file, after a pass over it)."""
+
+    def __init__(self, path: Path, n: int, dim: int):
+        self.path, self.shape = path, (n, dim)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        if self.shape[0] == 0:
+            return np.zeros(self.shape, np.float32)[index]
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            rows = np.frombuffer(mapped, dtype=np.float32).reshape(self.shape)
+            out = np.array(rows[index])
+            del rows  # the mapping closes only once no array looks into it
+        return out
