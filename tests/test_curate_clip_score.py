@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from data_tools.curate import clip_score
-from data_tools.curate.clip_score import ClipScoreConfig, ScoreStats, find_cut, top_count
+from data_tools.curate.clip_score import ClipScoreConfig, find_cut, top_count
 from data_tools.curate.report import Report
+from data_tools.curate.step_stats import ScoreStats
 from tests.curate_fixtures import image_bytes, keys, pair, read_output, read_report, step_report, write_shards
 
 
@@ -49,9 +50,9 @@ def test_threshold_keeps_exactly_the_pairs_at_or_above_it_in_input_order():
     d = report.to_dict()
     assert d["examples"]["low_clip_score"][0] == {"key": "000000", "url": None,
                                                   "detail": "score 0.1000 < threshold 0.25"}
-    stats = d["stats"]
-    assert stats["n_scored"] == 10 and stats["max"] == 0.9 and stats["min"] == 0.05
-    assert stats["score_percentiles"]["p50"] == pytest.approx(0.30, abs=6e-4)
+    score = d["stats"]["score"]
+    assert score["n"] == 10 and score["max"] == 0.9 and score["min"] == 0.05
+    assert score["percentiles"]["p50"] == pytest.approx(0.30, abs=6e-4)
 
 
 @pytest.mark.parametrize("percent, expected", [
@@ -154,7 +155,7 @@ def test_command_line_top_percent_drops_mostly_swapped_pairs(trained_clip, tmp_p
     assert sum(k.startswith("true") for k in keys(kept)) >= 15
     step = step_report(read_report(tmp_path / "out"), "clip_score")
     assert (step["n_in"], step["n_out"], step["drops"]) == (40, 20, {"low_clip_score": 20})
-    assert set(step["stats"]["score_percentiles"]) >= {"p10", "p50", "p90"}
+    assert set(step["stats"]["score"]["percentiles"]) >= {"p10", "p50", "p90"}
     by_key = {s["__key__"]: s for s in true + swapped}
     assert all(s == by_key[s["__key__"]] for s in kept)  # byte-identical copies
 

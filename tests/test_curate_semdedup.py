@@ -101,6 +101,8 @@ def test_corrupt_images_are_counted_and_stats_reported():
     assert len(kept) == 2 and report.drops == {"semantic_duplicate": 1, "corrupt": 1}
     stats = report.to_dict()["stats"]
     assert stats["n_embedded"] == 3 and stats["n_clusters"] == 1 and stats["similarity_threshold"] == 0.95
+    assert stats["nearest_kept_similarity"]["n"] == 2  # every item but the first of its cluster
+    assert stats["nearest_kept_similarity"]["max"] > 0.99  # the planted pair
 
 
 def test_empty_input_and_chunking():

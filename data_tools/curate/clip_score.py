@@ -8,8 +8,8 @@ normalised CLIP image and text embeddings, then keep those scoring at least `thr
 
 Picking a threshold: DataComp's 0.25 is for OpenAI's ViT-B/32 (its "CLIP score (L/14 30%)" baseline keeps the
 top 30% instead). Other models, and our small ones above all, score on their own scale, so 0.25 can keep all
-or nothing. Run once with `--threshold=-1` (keeps everything) and read `score_percentiles` in report.json:
-to keep the best 30%, take p70 as the threshold, or simply use `--top_percent=30`.
+or nothing. Run once with `--threshold=-1` (keeps everything) and read stats.score.percentiles in report.json:
+to keep the best 30%, take score.percentiles.p70 as the threshold, or simply use `--top_percent=30`.
 
 top_percent keeps exactly ceil(n * top_percent / 100) of the n scored samples (ties at the cut go to the
 earlier ones). It needs the whole input before it can decide: pass 1 spills the samples to a temp tar and
@@ -31,11 +31,10 @@ import numpy as np
 from data_tools.curate.embed import Embedder, embed_samples, load_clip_embedder
 from data_tools.curate.report import Report
 from data_tools.curate.spill import Spill
-from data_tools.curate.step_stats import attach_stats
+from data_tools.curate.step_stats import ScoreStats, attach_stats
 
 LOW_SCORE = "low_clip_score"
 DATACOMP_VIT_B32_THRESHOLD = 0.25  # DataComp (Gadre et al. 2023), OpenAI ViT-B/32 scores
-PERCENTILES = (1, 5, 10, 25, 30, 50, 70, 75, 90, 95, 99)
 
 
 @dataclass
@@ -53,7 +52,7 @@ def check_config(cfg: ClipScoreConfig) -> None:
     if (cfg.threshold is None) == (cfg.top_percent is None):
         raise ValueError("clip_score needs exactly one of threshold (e.g. 0.25 for OpenAI ViT-B/32) or top_percent "
                          "(e.g. 30); to see your model's score scale first, run with threshold=-1 and read the "
-                         "score_percentiles in report.json")
+                         "score percentiles in report.json")
     if cfg.top_percent is not None and not 0 < cfg.top_percent <= 100:
         raise ValueError(f"top_percent must be in (0, 100], got {cfg.top_percent}")
     if cfg.batch_size < 1:
@@ -74,11 +73,11 @@ def apply(samples: Iterable[dict], cfg: ClipScoreConfig, report: Report,
         yield from keep_above(scored, cfg.threshold, report, stats)
     else:
         yield from keep_top_percent(scored, cfg.top_percent, report, stats, cfg.tmp_dir or None)
-    attach_stats(report, stats.summary())
+    attach_stats(report, {"score": stats.summary()})
 
 
 def keep_above(scored: Iterable[tuple[dict, float]], threshold: float, report: Report,
-               stats: "ScoreStats") -> Iterator[dict]:
+               stats: ScoreStats) -> Iterator[dict]:
     for sample, score in scored:
         stats.add(score)
         if score >= threshold:
@@ -89,7 +88,7 @@ def keep_above(scored: Iterable[tuple[dict, float]], threshold: float, report: R
 
 
 def keep_top_percent(scored: Iterable[tuple[dict, float]], top_percent: float, report: Report,
-                     stats: "ScoreStats", tmp_dir: str | None) -> Iterator[dict]:
+                     stats: ScoreStats, tmp_dir: str | None) -> Iterator[dict]:
     with Spill(tmp_dir, dim=1, prefix="clip-score-") as spill:
         for sample, score in scored:  # pass 1
             stats.add(score)
@@ -123,36 +122,6 @@ def find_cut(scores: np.ndarray, n_keep: int) -> tuple[float, int]:
     cut = float(np.partition(values, n - n_keep)[n - n_keep])
     above = int(np.count_nonzero(values > cut))
     return cut, n_keep - above
-
-
-class ScoreStats:
-    """Score count, mean, min, max and percentiles in flat memory: a histogram of 0.001-wide bins over the
-    cosine's range [-1, 1], so percentiles are exact to +-0.0005."""
-
-    BINS = 2000
-
-    def __init__(self):
-        self.counts = np.zeros(self.BINS, np.int64)
-        self.n, self.total, self.lo, self.hi = 0, 0.0, math.inf, -math.inf
-
-    def add(self, score: float) -> None:
-        b = min(max(int((score + 1.0) / 2.0 * self.BINS), 0), self.BINS - 1)
-        self.counts[b] += 1
-        self.n += 1
-        self.total += score
-        self.lo, self.hi = min(self.lo, score), max(self.hi, score)
-
-    def percentile(self, q: float) -> float:
-        """The q-th percentile (0-100) of the scores added, to the bin centre."""
-        rank = max(1, math.ceil(q / 100 * self.n))
-        b = int(np.searchsorted(np.cumsum(self.counts), rank))
-        return round(-1.0 + (b + 0.5) * 2.0 / self.BINS, 4)
-
-    def summary(self) -> dict:
-        if not self.n:
-            return {"n_scored": 0}
-        return {"n_scored": self.n, "mean": round(self.total / self.n, 4), "min": round(self.lo, 4),
-                "max": round(self.hi, 4), "score_percentiles": {f"p{q}": self.percentile(q) for q in PERCENTILES}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,10 @@ cluster walk reads embeddings in blocks of `block_size` rows, so RAM does not fo
 Duplicates that k-means puts in different clusters are not found (as in the paper): more clusters is faster
 (the walk is quadratic per cluster) but misses more. Clusters are capped at one per `min_cluster_size` samples.
 
+Picking eps: models differ in how tightly they pack images (a tiny model trained on synthetic shapes puts
+most pairs above 0.99). report.json lists `nearest_kept_similarity` percentiles: each image's highest
+similarity to an image kept before it in its cluster; a duplicate group shows as a mass near 1.
+
 Reason codes: `semantic_duplicate` (detail: the key of the kept sample it duplicates and their similarity),
 `corrupt` (undecodable image), `no_image`.
 """
@@ -34,7 +38,7 @@ import numpy as np
 from data_tools.curate.embed import Embedder, embed_samples, load_clip_embedder
 from data_tools.curate.report import Report
 from data_tools.curate.spill import Spill
-from data_tools.curate.step_stats import attach_stats
+from data_tools.curate.step_stats import ScoreStats, attach_stats
 
 DUPLICATE = "semantic_duplicate"
 
@@ -81,16 +85,19 @@ def apply(samples: Iterable[dict], cfg: SemDedupConfig, report: Report,
             spill.add(sample, image_emb)
         emb = spill.rows()
         labels, sims, k = cluster(emb, cfg)
-        dup_of, best = find_duplicates(emb, labels, order_key(sims, cfg.keep), 1 - cfg.eps, cfg.block_size)
+        dup_of, nearest = find_duplicates(emb, labels, order_key(sims, cfg.keep), 1 - cfg.eps, cfg.block_size)
         for i, sample in enumerate(spill.samples()):  # pass 2
             if dup_of[i] < 0:
                 report.keep(sample)
                 yield sample
             else:
-                report.drop(sample, DUPLICATE, f"of {spill.key(int(dup_of[i]))} (cosine {best[i]:.4f})")
+                report.drop(sample, DUPLICATE, f"of {spill.key(int(dup_of[i]))} (cosine {nearest[i]:.4f})")
         sizes = np.bincount(labels, minlength=k)
+        nearest_stats = ScoreStats()
+        nearest_stats.add_many(nearest[np.isfinite(nearest)])
         attach_stats(report, {"n_embedded": spill.n, "n_clusters": k, "largest_cluster": int(sizes.max()),
-                              "similarity_threshold": round(1 - cfg.eps, 6), "keep": cfg.keep})
+                              "similarity_threshold": round(1 - cfg.eps, 6), "keep": cfg.keep,
+                              "nearest_kept_similarity": nearest_stats.summary()})
 
 
 def n_clusters_for(n: int, cfg: SemDedupConfig) -> int:
@@ -144,21 +151,22 @@ def order_key(sims: np.ndarray, keep: str) -> np.ndarray:
 
 def find_duplicates(emb: np.ndarray, labels: np.ndarray, key: np.ndarray, threshold: float,
                     block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """([N] index of the kept row each row duplicates, -1 for kept rows; [N] that similarity).
+    """([N] index of the kept row each row duplicates, -1 for kept rows; [N] each row's highest cosine
+    similarity to a row of its cluster kept before it, -inf for the first of a cluster).
 
     Each cluster's rows are walked in `key` order; a row whose cosine similarity to a row kept before it
     exceeds `threshold` is a duplicate of the most similar one, otherwise it is kept."""
     n = len(emb)
     order = np.lexsort((np.arange(n), key, labels))  # by cluster, then key, then input order
     bounds = np.flatnonzero(np.diff(labels[order])) + 1
-    dup_of, best = np.full(n, -1, np.int64), np.zeros(n, np.float32)
+    dup_of, nearest = np.full(n, -1, np.int64), np.full(n, -np.inf, np.float32)
     for members in np.split(order, bounds):
-        walk_cluster(emb, members, threshold, block_size, dup_of, best)
-    return dup_of, best
+        walk_cluster(emb, members, threshold, block_size, dup_of, nearest)
+    return dup_of, nearest
 
 
 def walk_cluster(emb: np.ndarray, members: np.ndarray, threshold: float, block_size: int,
-                 dup_of: np.ndarray, best: np.ndarray) -> None:
+                 dup_of: np.ndarray, nearest: np.ndarray) -> None:
     """Greedy dedup of one cluster's rows (`members`, in walking order) against the rows kept so far, a block
     of `block_size` rows at a time: each block is compared with the kept rows block by block, then with itself."""
     kept: list[int] = []
@@ -174,8 +182,9 @@ def walk_cluster(emb: np.ndarray, members: np.ndarray, threshold: float, block_s
             best_sim[better], best_j[better] = s[np.arange(len(idx)), j][better], kept_idx[j][better]
         within = x @ x.T  # [b, b]
         for r in range(len(idx)):
+            nearest[idx[r]] = best_sim[r]
             if best_sim[r] > threshold:
-                dup_of[idx[r]], best[idx[r]] = best_j[r], best_sim[r]
+                dup_of[idx[r]] = best_j[r]
                 continue
             kept.append(int(idx[r]))
             later = within[r + 1:, r]  # the later rows of this block now also compare with row r
