@@ -160,6 +160,14 @@ def test_command_line_top_percent_drops_mostly_swapped_pairs(trained_clip, tmp_p
     assert all(s == by_key[s["__key__"]] for s in kept)  # byte-identical copies
 
 
+def test_command_line_names_a_missing_checkpoint(tmp_path, capsys):
+    write_shards(tmp_path / "in", scored_pairs([0.5]))
+    assert clip_score.main([str(tmp_path / "in"), f"--output={tmp_path / 'out'}", f"--checkpoint={tmp_path / 'nope'}",
+                            "--threshold=0.2"]) == 2
+    assert f"checkpoint={tmp_path / 'nope'}: no such run folder" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
 def test_open_clip_name_with_local_weights_and_refusals(tmp_path):
     from safetensors.torch import save_file
 

@@ -105,8 +105,13 @@ def load_entries(cfg: BalanceConfig) -> list[str]:
 
 
 def check_config(cfg: BalanceConfig) -> None:
+    """ValueError (FileNotFoundError for a missing entries_file) before any data is read."""
     if cfg.cap < 0:
         raise ValueError(f"cap must be >= 0, got {cfg.cap}")
+    if cfg.entries_file and not Path(cfg.entries_file).is_file():
+        raise FileNotFoundError(f"entries_file={cfg.entries_file}: no such file")
+    if cfg.by == "entry" and not (cfg.entries or cfg.entries_file):
+        raise ValueError("by=entry needs entries (a list) or entries_file (one entry per line)")
 
 
 def apply(samples: Iterable[dict], cfg: BalanceConfig, report: Report) -> Iterator[dict]:

@@ -28,7 +28,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from data_tools.curate.embed import Embedder, embed_samples, load_clip_embedder
+from data_tools.curate.embed import Embedder, check_checkpoint, embed_samples, load_clip_embedder
 from data_tools.curate.report import Report
 from data_tools.curate.spill import Spill
 from data_tools.curate.step_stats import ScoreStats, attach_stats
@@ -48,7 +48,9 @@ class ClipScoreConfig:
     tmp_dir: str = ""  # where top_percent spills (empty: a temp folder inside the output folder, or the system's)
 
 
-def check_config(cfg: ClipScoreConfig) -> None:
+def check_config(cfg: ClipScoreConfig, need_model: bool = True) -> None:
+    """ValueError for settings that cannot work, FileNotFoundError for a checkpoint that is not there (with
+    need_model): before any data is read."""
     if (cfg.threshold is None) == (cfg.top_percent is None):
         raise ValueError("clip_score needs exactly one of threshold (e.g. 0.25 for OpenAI ViT-B/32) or top_percent "
                          "(e.g. 30); to see your model's score scale first, run with threshold=-1 and read the "
@@ -57,13 +59,15 @@ def check_config(cfg: ClipScoreConfig) -> None:
         raise ValueError(f"top_percent must be in (0, 100], got {cfg.top_percent}")
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if need_model:
+        check_checkpoint(cfg.checkpoint, cfg.pretrained)
 
 
 def apply(samples: Iterable[dict], cfg: ClipScoreConfig, report: Report,
           embedder: Embedder | None = None) -> Iterator[dict]:
     """Keep the pairs that pass the CLIP-score bar. `embedder` (default: loaded from cfg.checkpoint) is
     anything with embed_images / embed_texts returning unit rows (see data_tools.curate.embed)."""
-    check_config(cfg)
+    check_config(cfg, need_model=embedder is None)
     if embedder is None:
         embedder = load_clip_embedder(cfg.checkpoint, cfg.pretrained, cfg.device, cfg.batch_size)
     scored = ((s, float(np.dot(i, t))) for s, i, t in embed_samples(samples, embedder, report, cfg.batch_size,

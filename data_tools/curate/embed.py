@@ -93,24 +93,33 @@ def load_clip_embedder(checkpoint: str, pretrained: str | None = None, device: s
     return ClipEmbedder(clf.model, clf.preprocess, clf.tokenizer, clf.device, batch_size, name=clf.name)
 
 
-@functools.lru_cache(maxsize=2)
-def load_classifier(checkpoint: str, pretrained: str | None, device: str):
-    """The model loaded once per (checkpoint, weights, device) in a process: a pipeline with both clip_score
-    and semdedup on one checkpoint reads and builds it once."""
-    from mm.zeroshot import ZeroShotClassifier
-
+def check_checkpoint(checkpoint: str, pretrained: str | None) -> None:
+    """Fail early, before any data is read, for a checkpoint that cannot load: FileNotFoundError for a missing
+    path or weights file, ValueError for pretrained without open_clip:NAME or open_clip:NAME without it."""
     if checkpoint.startswith(OPEN_CLIP_PREFIX):
-        name = checkpoint[len(OPEN_CLIP_PREFIX):]
         if not pretrained:
             # open_clip would start from random weights (or download a tag): neither scores anything
             raise ValueError(f"checkpoint={checkpoint} needs pretrained=/path/to/weights (a local file; "
                              f"nothing is downloaded)")
         if not Path(pretrained).is_file():
             raise FileNotFoundError(f"pretrained={pretrained}: no such weights file (nothing is downloaded)")
-        return ZeroShotClassifier.from_pretrained(name, pretrained, device=device)
-    if pretrained:
+    elif pretrained:
         raise ValueError(f"pretrained={pretrained} only goes with checkpoint=open_clip:NAME; "
                          f"{checkpoint} carries its own weights")
+    elif not Path(checkpoint).exists():
+        raise FileNotFoundError(f"checkpoint={checkpoint}: no such run folder, export or checkpoint file. "
+                                f"Train one with: python recipes/clip/train.py --out_dir={checkpoint}")
+
+
+@functools.lru_cache(maxsize=2)
+def load_classifier(checkpoint: str, pretrained: str | None, device: str):
+    """The model loaded once per (checkpoint, weights, device) in a process: a pipeline with both clip_score
+    and semdedup on one checkpoint reads and builds it once."""
+    from mm.zeroshot import ZeroShotClassifier
+
+    check_checkpoint(checkpoint, pretrained)
+    if checkpoint.startswith(OPEN_CLIP_PREFIX):
+        return ZeroShotClassifier.from_pretrained(checkpoint[len(OPEN_CLIP_PREFIX):], pretrained, device=device)
     return ZeroShotClassifier.from_checkpoint(checkpoint, device=device)
 
 

@@ -35,7 +35,7 @@ from typing import Iterable, Iterator, Literal
 
 import numpy as np
 
-from data_tools.curate.embed import Embedder, embed_samples, load_clip_embedder
+from data_tools.curate.embed import Embedder, check_checkpoint, embed_samples, load_clip_embedder
 from data_tools.curate.report import Report
 from data_tools.curate.spill import Spill
 from data_tools.curate.step_stats import ScoreStats, attach_stats
@@ -59,19 +59,23 @@ class SemDedupConfig:
     tmp_dir: str = ""  # where the embeddings and samples spill (empty: inside the output folder, or the system's)
 
 
-def check_config(cfg: SemDedupConfig) -> None:
+def check_config(cfg: SemDedupConfig, need_model: bool = True) -> None:
+    """ValueError for settings that cannot work, FileNotFoundError for a checkpoint that is not there (with
+    need_model): before any data is read."""
     if not 0 < cfg.eps < 2:
         raise ValueError(f"eps must be in (0, 2) (similarity above 1 - eps is a duplicate), got {cfg.eps}")
     for key in ("n_clusters", "min_cluster_size", "kmeans_epochs", "block_size", "batch_size"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if need_model:
+        check_checkpoint(cfg.checkpoint, cfg.pretrained)
 
 
 def apply(samples: Iterable[dict], cfg: SemDedupConfig, report: Report,
           embedder: Embedder | None = None) -> Iterator[dict]:
     """Keep one image of each group of semantic duplicates. `embedder` (default: loaded from cfg.checkpoint)
     is anything with embed_images returning unit rows (see data_tools.curate.embed)."""
-    check_config(cfg)
+    check_config(cfg, need_model=embedder is None)
     if embedder is None:
         embedder = load_clip_embedder(cfg.checkpoint, cfg.pretrained, cfg.device, cfg.batch_size)
     embedded = embed_samples(samples, embedder, report, cfg.batch_size)
