@@ -176,6 +176,7 @@ class ShardWriter:
         if self._tar is None:
             self._open_next()
         self._tar.write(sample)
+        self._tar.tarstream.members = []  # tarfile keeps every TarInfo written otherwise: ~1 KB a sample
         self._count += 1
         self._bytes += sample_nbytes(sample)
         self.n_written += 1
