@@ -10,7 +10,9 @@ runs/asr it still starts, and says how to train one. The held-out clips of the b
 
 One request at a time runs the model (decoding its audio included); up to 16 more wait their turn,
 later ones are turned away. An upload is refused over --max-file-size (by gradio, before it is stored) and over
---max-seconds (from the file's header, before it is decoded). The same function is an API endpoint:
+--max-seconds (from the file's header, before it is decoded). A microphone recording is uploaded as a 16 kHz wav
+under the same size limit, so --max-file-size must hold --max-seconds of it (checked at start: 64 kB a second).
+The same function is an API endpoint:
 
     Client(url).predict(handle_file("talk.flac"), "auto", "transcribe", True, api_name="/transcribe")
     -> (language, text, {"headers": [...], "data": [[start, end, text], ...]}, srt path, vtt path)
@@ -22,6 +24,7 @@ import contextlib
 import getpass
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -56,6 +59,11 @@ SILENCE_DBFS = -60.0  # a recording whose loudest sample is below this holds not
 QUEUE_SIZE = 16  # requests waiting for the model; more are turned away
 MAX_EXAMPLES = 10  # held-out clips offered, one per language
 OUTPUT_MAX_AGE_S = 3600  # subtitle files (and gradio's copies of uploads) are deleted after an hour
+# The browser encodes a microphone take as 16-bit wav at this rate before uploading it. gradio's default, 44.1 kHz,
+# makes files 2.8x bigger than what the model hears (it resamples to SAMPLE_RATE anyway).
+RECORDING_RATE = SAMPLE_RATE  # Hz
+RECORDING_CHANNELS = 2  # the browser keeps the microphone's channels: most give one, some two
+WAV_HEADER_BYTES = 44
 
 
 # ---------------------------------------------------------------- model
@@ -152,13 +160,14 @@ def find_examples(shards: str, cache: Path) -> tuple[list[tuple[Path, str]], str
 
 # ---------------------------------------------------------------- one request
 
-def upload_path(audio: dict | str | None) -> tuple[str, str]:
+def upload_path(audio: dict | str | None, max_seconds: float) -> tuple[str, str]:
     """(the uploaded file's path, its original name) from gradio's unprocessed audio payload
     ({"path": ..., "orig_name": ...}) or a plain path; gr.Error when there is none."""
     import gradio as gr
 
-    if not audio:
-        raise gr.Error("Upload an audio file or record from the microphone first.")
+    if not audio:  # also what a recording too big to upload leaves: gradio's page drops it without a word
+        raise gr.Error("Upload an audio file or record from the microphone first. (A recording much longer "
+                       f"than {max_seconds:g} s is too big for the page to send: record a shorter one.)")
     path = audio.get("path") if isinstance(audio, dict) else audio
     if not path:
         raise gr.Error("Send the audio as a file upload.")
@@ -177,6 +186,21 @@ def chosen_language(transcriber, language: str | None, task: str) -> str | None:
     if why_not:
         raise ValueError(why_not)
     return code
+
+
+def recording_bytes(seconds: float) -> int:
+    """The size of a `seconds` long microphone take as the page uploads it (wav, 16-bit, at most stereo)."""
+    return WAV_HEADER_BYTES + math.ceil(seconds * RECORDING_RATE) * RECORDING_CHANNELS * 2
+
+
+def check_limits(max_seconds: float, max_bytes: int) -> None:
+    """ValueError when a recording within max_seconds could exceed the upload limit: gradio's page checks a
+    take's size before sending it and, over the limit, keeps it on screen and sends nothing, with no message."""
+    needed = recording_bytes(max_seconds)
+    if max_bytes < needed:
+        raise ValueError(f"--max-file-size of {max_bytes:,} bytes cannot hold a {max_seconds:g} s microphone "
+                         f"recording ({needed:,} bytes as the page sends it: 16 kHz 16-bit wav, up to 2 channels); "
+                         f"give --max-file-size {math.ceil(needed / 1024)}kb or more, or a smaller --max-seconds")
 
 
 def check_size(path: str, max_bytes: int, name: str) -> None:
@@ -235,7 +259,7 @@ def make_transcribe(transcriber, max_seconds: float, max_bytes: int, out_root: P
     def transcribe(audio: dict | str | None, language: str, task: str, timestamps: bool):
         if transcriber is None:
             raise gr.Error(no_model_message(checkpoint), duration=None)
-        path, name = upload_path(audio)
+        path, name = upload_path(audio, max_seconds)
         if not isinstance(timestamps, bool):  # preprocess=False: nothing else checks the API's values
             raise gr.Error(f"timestamps: true or false, not {str(timestamps)[:40]!r}")
         try:
@@ -281,7 +305,8 @@ def build_demo(transcriber, checkpoint: str = DEFAULT_CHECKPOINT, examples_dir: 
             gr.Markdown(f"### No model yet\n{no_model_message(checkpoint)}", elem_id="no-model")
         with gr.Row():
             with gr.Column():
-                audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio", elem_id="audio")
+                audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio", elem_id="audio",
+                                 waveform_options=gr.WaveformOptions(sample_rate=RECORDING_RATE))
                 language = gr.Dropdown(language_choices(transcriber), value="auto", label="Language",
                                        elem_id="language")
                 task = gr.Radio(list(TASKS), value="transcribe", label="Task", interactive=can_translate,
@@ -345,6 +370,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.checkpoint is not None and not Path(args.checkpoint).exists():
         p.error(f"--checkpoint {args.checkpoint}: no such file or folder")
+    try:
+        check_limits(args.max_seconds, args.max_file_size)
+    except ValueError as e:
+        p.error(str(e))
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
     try:
         transcriber = load_transcriber(checkpoint, args.device, args.max_seconds)

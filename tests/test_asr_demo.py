@@ -26,8 +26,13 @@ from tests.helpers import CHROMIUM, ROOT, chromium_or_skip, free_port, one_torch
 from tests.zeroshot_fixtures import python, serve
 
 APP = ROOT / "demos" / "asr_app.py"
-MAX_SECONDS = 5.0  # small, so an over-long clip is cheap to make
-MAX_FILE_SIZE = "300kb"  # 307,200 bytes: above any test clip but the one meant to be too big
+# Above the browser tests' takes (2 and 6 s) with room for a loaded machine to stretch them; small, so an
+# over-long clip is cheap to make.
+MAX_SECONDS = 12.0
+# 819,200 bytes: holds a MAX_SECONDS recording as the page sends it (768,044 bytes; the demo refuses to start with
+# less) and any test clip but the one meant to be too big.
+MAX_FILE_SIZE = "800kb"
+MAX_FILE_BYTES = 800 * 1024
 TIMESTAMP = re.compile(r"^\d\d:\d\d\.\d\d\d$")
 TRAIN_COMMAND = "python recipes/asr/train.py"
 CORPUS_COMMAND = "python -m data_tools.synthetic_asr --out=data/asr_synth"
@@ -175,7 +180,7 @@ def bad_uploads(tmp_path_factory) -> dict[Path, str]:
         folder / "random.wav": "not audio soundfile can decode",
         folder / "empty.wav": "empty file (0 bytes)",
         folder / "text.flac": "not audio soundfile can decode",
-        write_audio(folder / "long.flac", seconds=MAX_SECONDS + 1): f"6.0 s exceeds the limit of {MAX_SECONDS:g} s",
+        write_audio(folder / "long.flac", seconds=MAX_SECONDS + 1): f"13.0 s exceeds the limit of {MAX_SECONDS:g} s",
     }
 
 
@@ -204,11 +209,11 @@ def test_an_upload_over_the_size_limit_is_refused_before_it_is_stored(demo, tmp_
     from gradio_client import Client, handle_file
 
     url, _ = demo
-    big = write_audio(tmp_path / "big.wav", seconds=12)  # 384 kB of wav, over 300kb
-    with pytest.raises(ValueError, match="exceeds the maximum file size of 307200 bytes"):  # gradio_client's check
+    big = write_audio(tmp_path / "big.wav", seconds=30)  # 960 kB of wav, over 800kb
+    with pytest.raises(ValueError, match=f"exceeds the maximum file size of {MAX_FILE_BYTES} bytes"):  # gradio_client
         Client(url, verbose=False).predict(handle_file(str(big)), "auto", "transcribe", True, api_name="/transcribe")
     response = requests.post(f"{url}gradio_api/upload", files={"files": ("big.wav", big.read_bytes())})
-    assert response.status_code == 413 and "307200 bytes" in response.text  # the server's own, for other clients
+    assert response.status_code == 413 and f"{MAX_FILE_BYTES} bytes" in response.text  # the server's own
 
 
 # ---------------------------------------------------------------- in a browser
@@ -257,30 +262,69 @@ def test_in_a_browser_upload_a_clip_and_see_its_transcript_and_timestamps(demo, 
     assert (tmp_path / "asr_demo.png").stat().st_size > 1000
 
 
+# Chromium's fake microphone, allowed without asking: a beeping test signal.
+FAKE_MICROPHONE = ("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream")
+
+
+def record(page, expect, seconds: float) -> Path:
+    """Record a take of about `seconds` from the microphone; the wav the page uploaded, as the server stored it.
+    Each step waits for the page's state (recording, uploaded), so a slow machine only makes the take longer."""
+    page.locator("#audio button[aria-label='Record audio']").click()  # the microphone source
+    page.locator("#audio button", has_text=re.compile("^Record$")).click()
+    stop = page.locator("#audio button:visible", has_text=re.compile("^Stop$")).first
+    expect(stop).to_be_visible()  # recording
+    page.wait_for_timeout(seconds * 1000)  # the take's length, not a wait for the page
+    # The page sends the take when it stops; one over the size limit it would keep on screen and never send.
+    with page.expect_response(lambda r: "/gradio_api/upload" in r.url and r.request.method == "POST") as sent:
+        stop.click()
+    assert sent.value.status == 200, sent.value.text()
+    stored, = sent.value.json()
+    return Path(stored)
+
+
 @pytest.mark.slow
 def test_in_a_browser_an_example_and_the_microphone_can_be_transcribed(demo, tmp_path):
-    """A held-out example clicked, then a recording from Chromium's fake microphone (a beeping test signal)."""
+    """A held-out example clicked, then a short recording from Chromium's fake microphone."""
     chromium_or_skip()
     from playwright.sync_api import expect, sync_playwright
 
     expect.set_options(timeout=120_000)
     with sync_playwright() as pw:
-        browser, page = open_page(pw, demo[0], "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream")
+        browser, page = open_page(pw, demo[0], *FAKE_MICROPHONE)
         try:
             page.get_by_text(re.compile(r"^Russian: ")).click()  # one held-out example per language
             transcribe_in_page(page, expect, "ru-")  # named after the example's clip
             expect(page.locator("#text textarea")).not_to_have_value("")
             page.locator("#audio button[aria-label='Clear']").click()
-            page.locator("#audio button[aria-label='Record audio']").click()
-            page.locator("#audio button", has_text=re.compile("^Record$")).click()
-            page.wait_for_timeout(2000)
-            page.locator("#audio button:visible", has_text=re.compile("^Stop$")).first.click()
+            take = record(page, expect, seconds=2)
             transcribe_in_page(page, expect, "audio")  # gradio names a recording audio.wav
             expect(page.locator("#segments")).to_contain_text("00:00.000")
             page.screenshot(path=str(tmp_path / "asr_demo_mic.png"), full_page=True)
         finally:
             browser.close()
+    assert take.name == "audio.wav" and soundfile.info(take).samplerate == SAMPLE_RATE  # the rate the model hears
     assert (tmp_path / "asr_demo_mic.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_in_a_browser_a_longer_recording_is_transcribed(demo):
+    """6 s from the microphone: at gradio's default 44.1 kHz this take outgrew the upload limit (300kb then) from
+    about 3.5 s on, and the page silently kept it, so Transcribe was told there was no audio."""
+    chromium_or_skip()
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=120_000)
+    with sync_playwright() as pw:
+        browser, page = open_page(pw, demo[0], *FAKE_MICROPHONE)
+        try:
+            take = record(page, expect, seconds=6)
+            transcribe_in_page(page, expect, "audio")
+            expect(page.locator("#detected textarea")).to_have_value(re.compile(r"\(\w+\), detected with probability"))
+            expect(page.locator("#segments")).to_contain_text("00:00.000")
+        finally:
+            browser.close()
+    info = soundfile.info(take)
+    assert info.samplerate == SAMPLE_RATE and 5.5 < info.duration <= MAX_SECONDS
 
 
 # ---------------------------------------------------------------- without a model
@@ -312,12 +356,14 @@ def test_what_the_model_cannot_do_is_refused_before_it_runs(tmp_path):
     demo = app.build_demo(model, examples_dir=str(tmp_path / "none"), cache=tmp_path)
     task, = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "task"]
     assert task.interactive is False and "cannot translate" in task.info
+    audio, = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "audio"]
+    assert audio.waveform_options.sample_rate == SAMPLE_RATE  # the page records at the rate the model hears
     transcribe_ = app.make_transcribe(model, MAX_SECONDS, 10**6, tmp_path / "out", "runs/asr")
     path = write_audio(tmp_path / "a.wav")
     with pytest.raises(Error, match="cannot translate: it was trained to transcribe only"):
         transcribe_({"path": str(path), "orig_name": "a.wav"}, "auto", "translate", True)
-    with pytest.raises(Error, match="Upload an audio file or record"):
-        transcribe_(None, "auto", "transcribe", True)
+    with pytest.raises(Error, match=rf"record from the microphone first. \(A recording much longer than {MAX_SECONDS:g} s"):
+        transcribe_(None, "auto", "transcribe", True)  # also what a recording too big to upload leaves
     with pytest.raises(Error, match="timestamps: true or false, not 'no'"):
         transcribe_({"path": str(path), "orig_name": "a.wav"}, "auto", "transcribe", "no")
     with pytest.raises(Error) as e:
@@ -370,3 +416,17 @@ def test_a_missing_checkpoint_named_on_the_command_line_is_an_error(tmp_path, ca
     (tmp_path / "notes.pt").write_text("hello\n")  # there, but no checkpoint: refused at start, no traceback
     with pytest.raises(SystemExit, match=r"notes.pt: cannot load it as a checkpoint \(KeyError"):
         load_app().main(["--checkpoint", str(tmp_path / "notes.pt")])
+
+
+def test_the_upload_limit_must_hold_a_recording_of_the_longest_audio_allowed(capsys):
+    """The page drops a take over --max-file-size without a word, so the demo refuses limits that allow it."""
+    app = load_app()
+    assert app.recording_bytes(30) == 44 + 30 * 16000 * 2 * 2  # 16 kHz, 16-bit, stereo at worst
+    app.check_limits(600, 100 * 1024 ** 2)  # the defaults
+    app.check_limits(120, 20 * 1024 ** 2)  # the example in --help
+    app.check_limits(MAX_SECONDS, MAX_FILE_BYTES)  # the demo these tests start
+    with pytest.raises(SystemExit) as e:
+        app.main(["--max-seconds", "5", "--max-file-size", "300kb"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "cannot hold a 5 s microphone recording (320,044 bytes" in err
+    assert "give --max-file-size 313kb or more, or a smaller --max-seconds" in err
