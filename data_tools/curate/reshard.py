@@ -12,14 +12,21 @@ one run never touches the disk.
 
 Every sample is kept (the report shows samples in = out). With `n_shards`, samples are spread evenly (shard sizes
 differ by at most one) and the output's shard_max_mb is not applied.
+
+Sources numbered alike (two datasets both keyed 000000...) share keys, and a shuffle puts equal keys side by side
+now and then; a reader groups neighbouring tar members by key, so the two would read back as one broken sample
+(webdataset fails on the repeated field, losing the rest of the shard). `separate_equal_keys` moves such a sample
+a few places on, in every tar written here: runs, merged runs and the output.
 """
 from __future__ import annotations
 
+import logging
 import random
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections import deque
 from typing import Iterable, Iterator
 
 import webdataset as wds
@@ -29,6 +36,9 @@ from mm.shards import COUNTS, read_samples
 
 from data_tools.curate.io import TAR_MTIME, ShardWriter, sample_nbytes
 from data_tools.curate.report import Report
+
+log = logging.getLogger(__name__)
+KEY_DELAY = 16  # samples held back by separate_equal_keys, so that a repeat at the very end still finds a gap
 
 
 @dataclass
@@ -60,12 +70,56 @@ class Run:
     count: int
 
 
-def write_run(samples: list[dict], path: Path) -> Run:
+def separate_equal_keys(samples: Iterable[dict], delay: int = KEY_DELAY) -> Iterator[dict]:
+    """The samples, each once, with no two neighbours sharing a `__key__`: a sample whose key equals its
+    neighbour's goes into the nearest gap among the last `delay` samples held back, or waits for one."""
+    window: deque[dict] = deque()  # the latest samples, not yet yielded
+    waiting: list[dict] = []  # samples no gap was found for yet
+    before = None  # the key of the last sample yielded
+    for sample in samples:
+        for s in [sample, *waiting]:
+            placed = _place(window, before, s)
+            if s is sample and not placed:
+                waiting.append(s)
+            elif s is not sample and placed:
+                waiting.remove(s)
+        while len(window) > delay:
+            out = window.popleft()
+            before = out["__key__"]
+            yield out
+    for s in waiting:
+        if not _place(window, before, s):  # no gap anywhere: one key fills the stream's tail
+            log.warning("sample %r follows one with the same key: readers will merge the two", s["__key__"])
+            window.append(s)
+    yield from window
+
+
+def _place(window: deque, before, sample: dict) -> bool:
+    """Put `sample` at the end of `window` or, failing that, in the last gap whose neighbours' keys differ from
+    its own; False when there is none."""
+    key = sample["__key__"]
+    for i in range(len(window), -1, -1):
+        left = window[i - 1]["__key__"] if i else before
+        right = window[i]["__key__"] if i < len(window) else None
+        if left != key and right != key:
+            window.insert(i, sample)
+            return True
+    return False
+
+
+def write_tar(samples: Iterable[dict], path: Path) -> int:
+    """Write samples (neighbours' keys kept apart) to a temp tar; returns how many."""
+    n = 0
     with wds.TarWriter(str(path), encoder=False, mtime=TAR_MTIME) as tar:
-        for s in samples:
+        for s in separate_equal_keys(samples):
             tar.write(s)
             tar.tarstream.members = []  # tarfile keeps every TarInfo otherwise
-    return Run(path, len(samples))
+            n += 1
+    return n
+
+
+def write_run(samples: list[dict], path: Path) -> Run:
+    return Run(path, write_tar(samples, path))
 
 
 def read_run(run: Run) -> Iterator[dict]:
@@ -147,13 +201,7 @@ def merge_runs(runs: list[Run], cfg: ReshardConfig, rng: random.Random, folder: 
 
 
 def _merge_to_disk(group: list[Run], rng: random.Random, shuffle: bool, path: Path) -> Run:
-    n = 0
-    with wds.TarWriter(str(path), encoder=False, mtime=TAR_MTIME) as tar:
-        for sample in interleave(group, rng, shuffle):
-            tar.write(sample)
-            tar.tarstream.members = []
-            n += 1
-    return Run(path, n)
+    return Run(path, write_tar(interleave(group, rng, shuffle), path))
 
 
 def reshuffle(samples: Iterable[dict], cfg: ReshardConfig, report: Report, folder: Path) -> tuple[Iterator[dict], int]:
@@ -162,8 +210,8 @@ def reshuffle(samples: Iterable[dict], cfg: ReshardConfig, report: Report, folde
     rng = random.Random(cfg.seed)
     runs, in_memory = spill_runs(samples, cfg, report, folder, rng)
     if in_memory is not None:
-        return iter(in_memory), len(in_memory)
-    return merge_runs(runs, cfg, rng, folder), sum(r.count for r in runs)
+        return separate_equal_keys(in_memory), len(in_memory)
+    return separate_equal_keys(merge_runs(runs, cfg, rng, folder)), sum(r.count for r in runs)
 
 
 def shard_sizes(total: int, n_shards: int) -> list[int]:
