@@ -179,3 +179,14 @@ def test_pipe_specs_are_read_and_a_killed_runs_leftovers_are_ours(tmp_path):
     assert sorted(prepare_output(out, spec)) == [".shard-000000.tar.4242.tmp", ".tmp-curate-abc123"]
     run_chain(spec, OutputConfig(str(out)), [Step("copy", copy_step, None)], tool="copy")
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "shard-000000.tar"]
+
+
+def test_shard_writer_never_puts_two_samples_with_one_key_side_by_side(tmp_path):
+    """Sources numbered alike can meet with equal keys at a shard boundary ('a'...'000009' then '000009'...):
+    side by side in one tar, a reader would merge them into one broken sample. A new shard starts instead."""
+    a, b, c = noise_pairs(3)
+    samples = [a, {**b, "__key__": a["__key__"]}, c]
+    with ShardWriter(tmp_path / "out", max_count=10) as w:
+        for s in samples:
+            w.write(s)
+    assert read_output(tmp_path / "out") == samples and len(w.paths) == 2

@@ -148,7 +148,9 @@ class ShardWriter:
     without an error; on an error the temps are removed and no earlier file is touched.
 
     `paths` lists the final shard paths (they exist once the writer has closed). `next_shard()` closes the
-    current shard early (resharding to an exact count uses it). Fields are written as the bytes they are."""
+    current shard early (resharding to an exact count uses it). Fields are written as the bytes they are.
+    A sample whose key equals the one just written starts a new shard: side by side in one tar, a reader would
+    merge the two into one broken sample (sources numbered alike can meet so at a shard boundary)."""
 
     def __init__(self, output_dir: str | Path, max_count: int = 10000, max_bytes: float = 1e9, prefix: str = "shard"):
         if max_count < 1 or max_bytes <= 0:
@@ -159,6 +161,7 @@ class ShardWriter:
         self._temps: list[Path] = []
         self._tar: wds.TarWriter | None = None
         self._count = self._bytes = 0
+        self._last_key: str | None = None  # the key written last into the open shard
         self.n_written = 0
 
     def __enter__(self) -> ShardWriter:
@@ -174,9 +177,12 @@ class ShardWriter:
     def write(self, sample: dict) -> None:
         if "__key__" not in sample:
             raise ValueError(f"a sample needs a __key__; this one has {sample_fields(sample)}")
+        if self._tar is not None and sample["__key__"] == self._last_key:
+            self.next_shard()
         if self._tar is None:
             self._open_next()
         self._tar.write(sample)
+        self._last_key = sample["__key__"]
         self._tar.tarstream.members = []  # tarfile keeps every TarInfo written otherwise: ~1 KB a sample
         self._count += 1
         self._bytes += sample_nbytes(sample)
