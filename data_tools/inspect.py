@@ -457,6 +457,17 @@ def check_output(output: Path) -> None:
                           f"{' and '.join(REPORT_FILES)}); name a new or empty folder")
 
 
+def check_not_input(output: Path, urls: list[str]) -> None:
+    """ReportError when `output` holds one of the local shards read: publishing the report replaces the folder."""
+    real = output.resolve()
+    for url in urls:
+        if url.startswith(("http://", "https://", "pipe:", "s3://", "gs://")):
+            continue
+        if real in Path(url).resolve().parents:
+            raise ReportError(f"--output {output} holds input shard {url}, and the report replaces that folder; "
+                              "name another folder")
+
+
 def publish(tmp: Path, output: Path) -> None:
     """Put the finished report folder `tmp` in the place of `output` (an earlier report goes only then)."""
     if output.exists():
@@ -475,6 +486,7 @@ def inspect_shards(spec: str, output: str | Path, per_shard: int = 8, seed: int 
     urls = [url for source in expand_shard_spec(spec) for url in source.urls]
     output = Path(output).absolute()
     check_output(output)
+    check_not_input(output, urls)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
     try:

@@ -223,6 +223,18 @@ def test_refuses_an_output_that_is_not_a_report_and_loses_nothing(image_shards, 
     assert not (tmp_path / "new").exists()
 
 
+def test_refuses_to_replace_an_earlier_report_that_holds_an_input_shard(image_shards, tmp_path):
+    """Replacing the output folder removes what is in it: never a shard being read."""
+    out = tmp_path / "report"
+    inspect_shards(str(image_shards / "shard-000000.tar"), out, per_shard=1)
+    shard = out / "shard-000000.tar"
+    shard.write_bytes((image_shards / "shard-000000.tar").read_bytes())
+    for spec in (str(shard), str(out), f"pipe:cat {image_shards}/shard-000001.tar::{shard}"):
+        with pytest.raises(ReportError, match="holds input shard"):
+            inspect_shards(spec, out)
+    assert shard.read_bytes() == (image_shards / "shard-000000.tar").read_bytes()
+
+
 def test_memory_stays_flat_with_ten_times_the_samples(tmp_path):
     """One process inspects 20 noise images (256 px, 200 kB of PNG each), then 200: its peak RSS grows by less
     than 16 MB. Keeping each sample's bytes or decoded image would add 40-80 MB."""
