@@ -162,6 +162,20 @@ def test_rerun_replaces_only_its_own_shards_and_never_changes_the_input(tmp_path
     with pytest.raises(ValueError, match="no curation run wrote"):
         run_chain(str(tmp_path / "in"), OutputConfig(str(out)), [Step("copy", copy_step, None)], tool="copy")
     assert (out / "mine.tar").exists() and read_report(out)["files"] == second["files"]
-    run_chain(str(tmp_path / "in"), OutputConfig(str(out), overwrite=True), [Step("copy", copy_step, None)], tool="copy")
+    run_chain(str(tmp_path / "in"), OutputConfig(str(out), overwrite=True), [Step("copy", copy_step, None)],
+              tool="copy")
     assert not (out / "mine.tar").exists()  # overwrite replaces foreign shards: a loader would read them
     assert tree_digest(tmp_path / "in") == before
+
+
+def test_pipe_specs_are_read_and_a_killed_runs_leftovers_are_ours(tmp_path):
+    write_shards(tmp_path / "in", noise_pairs(12), per_shard=6)
+    spec = f"pipe:cat {tmp_path}/in/shard-000000.tar::{tmp_path}/in/shard-000001.tar"
+    assert len(list(iter_samples(spec, Report("read")))) == 12
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".shard-000000.tar.4242.tmp").write_bytes(b"half a shard")  # what a SIGKILL leaves
+    (out / ".tmp-curate-abc123").mkdir()
+    assert sorted(prepare_output(out, spec)) == [".shard-000000.tar.4242.tmp", ".tmp-curate-abc123"]
+    run_chain(spec, OutputConfig(str(out)), [Step("copy", copy_step, None)], tool="copy")
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "shard-000000.tar"]

@@ -63,7 +63,8 @@ def run_chain(input_spec: str, out: OutputConfig, steps: list[Step], tool: str, 
     if not out.output:
         raise ConfigError("--output=DIR is required: the folder for the new shards and report.json")
     if any(s.write_output for s in steps[:-1]):
-        raise ConfigError(f"{[s.name for s in steps if s.write_output][0]} writes the shards itself: make it the last step")
+        writer = [s.name for s in steps if s.write_output][0]
+        raise ConfigError(f"{writer} writes the shards itself: make it the last step")
     output = Path(out.output)
     stale = prepare_output(output, input_spec, out.overwrite)
     tmp_dir = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=output))

@@ -82,7 +82,8 @@ def band_probes(width: int, radius: int) -> int:
 
 
 def suggest_bands(near_bits: int) -> int:
-    return next(b for b in range(1, HASH_BITS + 1) if band_probes(-(-HASH_BITS // b), near_bits // b) <= MAX_PROBES_PER_BAND)
+    return next(b for b in range(1, HASH_BITS + 1)
+                if band_probes(-(-HASH_BITS // b), near_bits // b) <= MAX_PROBES_PER_BAND)
 
 
 # ---------------------------------------------------------------- fingerprints

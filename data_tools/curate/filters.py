@@ -100,7 +100,7 @@ def check_language(text: str, detector, allowed: set[str], min_confidence: float
     best = values[0]
     code = best.language.iso_code_639_1.name.lower()
     if code not in allowed:
-        return "language", f"{code} ({best.value:.2f}), not one of {','.join(sorted(allowed))}"
+        return "language", f"{code} ({best.value:.2f}), not one of {','.join(sorted(allowed))}: {text[:80]!r}"
     if best.value < min_confidence:
         return "language", f"{code} at confidence {best.value:.2f} < {min_confidence}"
     return None
@@ -170,7 +170,8 @@ def check_audio(sample: dict, text: str | None, cfg: FiltersConfig) -> Verdict:
     if verdict is None and cfg.max_silence_ratio is not None:
         ratio = silence_ratio(data, cfg.silence_db)
         if ratio > cfg.max_silence_ratio:
-            verdict = "silence", f"{ratio:.2f} of 20 ms frames below {cfg.silence_db:g} dBFS > {cfg.max_silence_ratio:g}"
+            verdict = ("silence", f"{ratio:.2f} of 20 ms frames below {cfg.silence_db:g} dBFS > "
+                                  f"{cfg.max_silence_ratio:g}")
     if verdict is None and (cfg.min_chars_per_second is not None or cfg.max_chars_per_second is not None):
         if text is None:
             return "no_text", "no transcript to check chars_per_second against"
@@ -209,7 +210,9 @@ def build_rules(cfg: FiltersConfig) -> Callable[[dict], Verdict]:
     """Check the config, build what the rules need (the language detector, the regexes) once, and return the
     function that judges one sample (raising when a field it needs is corrupt)."""
     check_config(cfg)
-    detector = build_language_detector(cfg.languages, cfg.candidate_languages, cfg.low_accuracy) if cfg.languages else None
+    detector = None
+    if cfg.languages:
+        detector = build_language_detector(cfg.languages, cfg.candidate_languages, cfg.low_accuracy)
     allowed = {c.strip().lower() for c in cfg.languages}
     word_re, regexes = compile_blocklist(cfg.blocklist, cfg.blocklist_regex)
     text_rules, audio_rules = uses_text(cfg), uses_audio(cfg)

@@ -47,7 +47,8 @@ def list_shard_urls(spec: str) -> list[str]:
     manifests = [u for u in urls if is_manifest(u)]
     if manifests:
         raise ValueError(f"{manifests[0]}: the curation tools read .tar shards, not JSONL manifests (their paths are "
-                         "relative to the manifest); write shards first with data_tools.write_shards or write_asr_shards")
+                         "relative to the manifest); write shards first with data_tools.write_shards or "
+                         "write_asr_shards")
     return urls
 
 
@@ -244,7 +245,8 @@ def prepare_output(output_dir: str | Path, input_spec: str, overwrite: bool = Fa
         raise ValueError(f"output {out} exists and is not a folder")
     real_out = out.resolve()
     for url in list_shard_urls(input_spec):
-        if not url.startswith(("http://", "https://", "pipe:", "s3://", "gs://")) and _inside(Path(url).resolve(), real_out):
+        remote = url.startswith(("http://", "https://", "pipe:", "s3://", "gs://"))
+        if not remote and _inside(Path(url).resolve(), real_out):
             raise ValueError(f"output folder {out} holds input shard {url}: the input is never changed; write to "
                              "another folder")
     if not out.exists():

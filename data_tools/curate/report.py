@@ -32,6 +32,7 @@ class Report:
         self._n_out = 0
         self._drops: Counter[str] = Counter()
         self._examples: dict[str, list[dict]] = {}
+        self.stats: dict = {}  # what a step measured besides counts (score percentiles, ...): JSON values
 
     def seen(self, n: int = 1) -> None:
         self._n_in += n
@@ -77,8 +78,9 @@ class Report:
             raise AssertionError(f"step {self.step}: {self.n_in} in != {self.n_out} out + {self.n_dropped} dropped")
 
     def to_dict(self) -> dict:
-        return {"step": self.step, "n_in": self.n_in, "n_out": self.n_out, "drops": dict(sorted(self._drops.items())),
-                "examples": {k: list(v) for k, v in sorted(self._examples.items())}}
+        out = {"step": self.step, "n_in": self.n_in, "n_out": self.n_out, "drops": dict(sorted(self._drops.items())),
+               "examples": {k: list(v) for k, v in sorted(self._examples.items())}}
+        return {**out, "stats": self.stats} if self.stats else out
 
     @classmethod
     def from_dict(cls, d: dict) -> Report:
@@ -86,6 +88,7 @@ class Report:
         report._n_in, report._n_out = int(d["n_in"]), int(d["n_out"])
         report._drops = Counter({k: int(v) for k, v in d.get("drops", {}).items()})
         report._examples = {k: list(v) for k, v in d.get("examples", {}).items()}
+        report.stats = dict(d.get("stats", {}))
         return report
 
     def save(self, path: str | Path) -> None:
