@@ -65,6 +65,10 @@ def run_chain(input_spec: str, out: OutputConfig, steps: list[Step], tool: str, 
     if any(s.write_output for s in steps[:-1]):
         writer = [s.name for s in steps if s.write_output][0]
         raise ConfigError(f"{writer} writes the shards itself: make it the last step")
+    for step in steps:  # settings that cannot work fail now, before the output folder is touched
+        check = getattr(sys.modules.get(getattr(step.apply, "__module__", "")), "check_config", None)
+        if check is not None:
+            check(step.config)
     output = Path(out.output)
     stale = prepare_output(output, input_spec, out.overwrite)
     tmp_dir = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=output))
