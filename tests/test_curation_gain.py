@@ -157,3 +157,10 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     for run in ("noisy", "curated"):
         assert json.loads((work / "runs" / run / "results.json").read_text())["step"] == 3
     assert sorted(p.name for p in (work / "curated").glob("*.tar")) == ["shard-000000.tar"]
+
+    # benchmarks/dedup_sweep.py's replay of the dedup rule (how the yaml's settings were chosen) drops the same
+    from benchmarks.dedup_sweep import fingerprints, replay_dedup
+    dedup = resolved["steps"][0]
+    replayed = replay_dedup(*fingerprints(work / "data" / "train")[:3], dedup["near_bits"], dedup["color_tolerance"])
+    assert [(d["key"], kept_ref(d["detail"])) for d in replayed] == \
+        [(d["key"], kept_ref(d["detail"])) for d in drops if d["step"] == "dedup"]
