@@ -108,7 +108,8 @@ def score_dedup(drops: list[dict], truth: dict[str, dict]) -> dict:
         correct += group is not None and group == groups.get(kept_ref(d["detail"]))
     copies = sum(t["kind"] == "near_dup" for t in truth.values())
     return {"dropped": len(claims), "correct": correct, "precision": ratio(correct, len(claims)),
-            "targets": copies, "recall": ratio(correct, copies), "by_reason": dict(Counter(d["reason"] for d in claims))}
+            "targets": copies, "recall": ratio(correct, copies),
+            "by_reason": dict(Counter(d["reason"] for d in claims))}
 
 
 def score_rule(drops: list[dict], entered: set[str], truth: dict[str, dict], kinds: tuple[str, ...]) -> dict:
@@ -232,7 +233,8 @@ def check_counts(report: dict, drops: list[dict], truth: dict[str, dict], output
 def ensure_noisy_data(cfg: GainConfig, out: Path) -> dict:
     """The noisy data, reused when info.json says it was written with these settings."""
     want = {"train": cfg.n, "seed": cfg.seed, "per_shard": cfg.per_shard, "val": cfg.val,
-            "zeroshot": cfg.zeroshot_per_class * len(class_names()), "dup_jpeg_chroma": JPEG_SUBSAMPLING.get(cfg.jpeg_subsampling)}
+            "zeroshot": cfg.zeroshot_per_class * len(class_names()),
+            "dup_jpeg_chroma": JPEG_SUBSAMPLING.get(cfg.jpeg_subsampling)}
     info_path = out / "info.json"
     if info_path.exists():
         info = json.loads(info_path.read_text())
