@@ -13,11 +13,18 @@ Kinds of training sample (fractions of --n, each kind caught by exactly one cura
   swapped         (30%) the image of one scene with the caption of another sample whose class ("red circle")
                   differs: "caption_class" names the caption's class, "class" the image's
   near_dup        (20%) a copy of a clean sample's image in ANOTHER shard ("original": its key), resized by a
-                  factor of 0.8-0.9 or 1.1-1.25, or re-encoded as JPEG at quality 60-85 ("edit" says which), with
-                  the original's caption or a paraphrase of it. Each original has one copy (groups of two).
+                  factor of 0.8-0.9 or 1.1-1.25, or re-encoded as JPEG at quality 60-85 with 4:4:4 chroma ("edit"
+                  says which), with the original's caption or a paraphrase of it. Each original has one copy
+                  (groups of two).
   tiny            (1.5%) a square image shrunk to a side of image_size/4 .. image_size/2 (8-16 px at 32 px)
   extreme_aspect  (1.5%) the image padded with its background to an aspect of 3.5-5 (its short side kept)
   clean           the rest, as the built-in data makes them
+
+JPEG copies keep full-resolution chroma (4:4:4) by default: at 32 px, 4:2:0 subsampling leaves a 16 x 16 colour
+grid, which moves a copy's 8 x 8 mean colours (what dedup's colour check compares) as far from its original as
+many distinct scenes are from their nearest neighbour, so no pixel dedup could tell those copies from new images
+(measured in benchmarks/RESULTS.md, "Data curation"). On web-sized images 4:2:0 barely moves an 8 x 8 thumbnail.
+`--jpeg_subsampling=2` writes 4:2:0 copies, to measure exactly that.
 
 The images here are image_size pixels (32 by default, what the default recipe trains at), so DataComp's basic
 filter (min side >= 200 on web images) is scaled: info.json's "filter_min_side" is 3/4 of image_size (24 at
@@ -53,6 +60,7 @@ KINDS = ("clean", "swapped", "near_dup", "tiny", "extreme_aspect")
 PARAPHRASES = ("an image of {}", "{}, drawn", "a picture: {}", "{} (a drawing)")  # none is a zero-shot prompt
 DUP_FACTORS = ((0.8, 0.9), (1.1, 1.25))  # a near-duplicate is resized down or up by a factor in one of these
 DUP_JPEG_QUALITY = (60, 85)
+JPEG_SUBSAMPLING = {0: "4:4:4", 1: "4:2:2", 2: "4:2:0"}  # PIL's `subsampling` values
 EXTREME_ASPECTS = (3.5, 5.0)
 MAX_ASPECT = 3.0  # DataComp's basic filter
 SHARD_PATTERN = "shard-%06d.tar"
@@ -138,17 +146,17 @@ def render_scene(seed: int, i: int, image_size: int, label: str) -> tuple[Image.
     return image, caption
 
 
-def jpeg(image: Image.Image, quality: int) -> bytes:
+def jpeg(image: Image.Image, quality: int, subsampling: int = 0) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=quality)
+    image.save(buf, format="JPEG", quality=quality, subsampling=subsampling)
     return buf.getvalue()
 
 
-def near_duplicate(image: Image.Image, rng: random.Random) -> tuple[str, bytes, str]:
+def near_duplicate(image: Image.Image, rng: random.Random, jpeg_subsampling: int = 0) -> tuple[str, bytes, str]:
     """A resized or JPEG re-encoded copy: (field, bytes, what was done)."""
     if rng.random() < 0.5:
         quality = rng.randint(*DUP_JPEG_QUALITY)
-        return "jpg", jpeg(image, quality), f"jpeg q{quality}"
+        return "jpg", jpeg(image, quality, jpeg_subsampling), f"jpeg q{quality} {JPEG_SUBSAMPLING[jpeg_subsampling]}"
     factor = rng.uniform(*rng.choice(DUP_FACTORS))
     side = round(image.width * factor)
     return "png", encode_png(image.resize((side, side), Image.Resampling.BICUBIC)), f"resize x{factor:.3f}"
@@ -165,7 +173,8 @@ def pad_to_aspect(image: Image.Image, rng: random.Random) -> Image.Image:
     return canvas
 
 
-def build_sample(i: int, plan: NoisePlan, seed: int, image_size: int, per_shard: int) -> tuple[dict, dict]:
+def build_sample(i: int, plan: NoisePlan, seed: int, image_size: int, per_shard: int,
+                 jpeg_subsampling: int = 0) -> tuple[dict, dict]:
     """Training sample i -> (its shard fields, its truth line)."""
     kind, cls = plan.kinds[i], plan.classes[i]
     rng = random.Random(f"{seed}-edit-{i}")  # the sample's own edits: the same whatever came before
@@ -175,7 +184,7 @@ def build_sample(i: int, plan: NoisePlan, seed: int, image_size: int, per_shard:
         original = plan.partner[i]
         cls = truth["class"] = truth["caption_class"] = plan.classes[original]
         image, caption = render_scene(seed, original, image_size, cls)
-        field, data, truth["edit"] = near_duplicate(image, rng)
+        field, data, truth["edit"] = near_duplicate(image, rng, jpeg_subsampling)
         if rng.random() < 0.5:
             caption = rng.choice(PARAPHRASES).format(caption)
             truth["edit"] += ", paraphrased"
@@ -196,7 +205,8 @@ def build_sample(i: int, plan: NoisePlan, seed: int, image_size: int, per_shard:
 
 # ---------------------------------------------------------------- writing
 
-def write_noisy_train(out: Path, plan: NoisePlan, seed: int, image_size: int, per_shard: int) -> list[str]:
+def write_noisy_train(out: Path, plan: NoisePlan, seed: int, image_size: int, per_shard: int,
+                      jpeg_subsampling: int = 0) -> list[str]:
     """The training shards under `out` and truth.jsonl beside them (`out`'s parent); returns the shard names.
     Each shard is written under a temporary name and renamed once complete."""
     out.mkdir(parents=True, exist_ok=True)
@@ -213,7 +223,7 @@ def write_noisy_train(out: Path, plan: NoisePlan, seed: int, image_size: int, pe
     with wds.ShardWriter(str(out / f".{SHARD_PATTERN}.tmp"), maxcount=per_shard, post=publish, verbose=0,
                          mtime=0.0) as sink, open(truth_tmp, "w") as truth_file:  # mtime 0: identical re-runs
         for i in tqdm(range(len(plan.kinds)), desc="noisy train shards", unit="img", mininterval=2):
-            fields, truth = build_sample(i, plan, seed, image_size, per_shard)
+            fields, truth = build_sample(i, plan, seed, image_size, per_shard, jpeg_subsampling)
             sink.write({"__key__": truth["key"], **fields})
             truth_file.write(json.dumps(truth) + "\n")
             captions.add(fields["txt"])
@@ -224,23 +234,25 @@ def write_noisy_train(out: Path, plan: NoisePlan, seed: int, image_size: int, pe
 
 def write_noisy_clip(output: str | Path, n: int = 40000, seed: int = 0, image_size: int = 32, per_shard: int = 2500,
                      val: int = 1000, zeroshot_per_class: int = 20, swapped: float = 0.3, near_dup: float = 0.2,
-                     tiny: float = 0.015, extreme_aspect: float = 0.015) -> dict:
+                     tiny: float = 0.015, extreme_aspect: float = 0.015, jpeg_subsampling: int = 0) -> dict:
     """Write the noisy training split, the clean held-out splits, truth.jsonl and info.json; returns the info."""
     if n < 1 or per_shard < 1 or image_size < 8:
         raise ValueError(f"need n >= 1, per_shard >= 1 and image_size >= 8; got {n}, {per_shard}, {image_size}")
+    if jpeg_subsampling not in JPEG_SUBSAMPLING:
+        raise ValueError(f"jpeg_subsampling must be one of {JPEG_SUBSAMPLING} (PIL's values), got {jpeg_subsampling}")
     out = Path(output)
     fractions = {"swapped": swapped, "near_dup": near_dup, "tiny": tiny, "extreme_aspect": extreme_aspect}
     plan = plan_noise(n, per_shard, seed, fractions)  # fails on bad settings before anything is written
     out.mkdir(parents=True, exist_ok=True)
     (out / "info.json").unlink(missing_ok=True)  # until the new data is complete
-    shards = write_noisy_train(out / "train", plan, seed, image_size, per_shard)
+    shards = write_noisy_train(out / "train", plan, seed, image_size, per_shard, jpeg_subsampling)
     n_zs = write_heldout_splits(out, val, zeroshot_per_class, image_size, per_shard, seed)
     info = {"train": n, "seed": seed, "image_size": image_size, "per_shard": per_shard, "shards": len(shards),
             "fractions": fractions, "counts": count_kinds(n, fractions), "val": val, "zeroshot": n_zs,
             "classes": len(class_names()), "filter_min_side": filter_min_side(image_size),
             "filter_max_aspect": MAX_ASPECT, "tiny_sides": list(tiny_sides(image_size)),
             "extreme_aspects": list(EXTREME_ASPECTS), "dup_factors": [list(f) for f in DUP_FACTORS],
-            "dup_jpeg_quality": list(DUP_JPEG_QUALITY)}
+            "dup_jpeg_quality": list(DUP_JPEG_QUALITY), "dup_jpeg_chroma": JPEG_SUBSAMPLING[jpeg_subsampling]}
     tmp = out / ".info.json.tmp"
     tmp.write_text(json.dumps(info, indent=1))
     os.replace(tmp, out / "info.json")
@@ -259,10 +271,12 @@ def main(argv=None):
     p.add_argument("--zeroshot_per_class", type=int, default=20, help="held-out labelled images per class")
     for kind, default in (("swapped", 0.3), ("near_dup", 0.2), ("tiny", 0.015), ("extreme_aspect", 0.015)):
         p.add_argument(f"--{kind}", type=float, default=default, help=f"fraction of {kind} samples")
+    p.add_argument("--jpeg_subsampling", type=int, default=0, choices=sorted(JPEG_SUBSAMPLING),
+                   help="chroma subsampling of JPEG copies (PIL): 0 = 4:4:4, 2 = 4:2:0 (far harder to dedup at 32 px)")
     a = p.parse_args(argv)
     try:
         info = write_noisy_clip(a.output, a.n, a.seed, a.image_size, a.per_shard, a.val, a.zeroshot_per_class,
-                                a.swapped, a.near_dup, a.tiny, a.extreme_aspect)
+                                a.swapped, a.near_dup, a.tiny, a.extreme_aspect, a.jpeg_subsampling)
     except ValueError as e:
         p.error(str(e))
     print(json.dumps(info))

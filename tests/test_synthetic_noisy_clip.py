@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from data_tools.synthetic_clip import class_names
 from data_tools.synthetic_noisy_clip import main, write_noisy_clip
@@ -108,6 +108,24 @@ def test_near_duplicates_copy_a_clean_original_in_another_shard(data):
     assert all(("jpg" in samples[d["key"]]) == d["edit"].startswith("jpeg") for d in dups)
 
 
+def jpeg_chroma(truth: list[dict], samples: dict[str, dict]) -> set[int]:
+    """PIL's subsampling code (0 = 4:4:4, 2 = 4:2:0) of every JPEG copy."""
+    return {JpegImagePlugin.get_sampling(Image.open(io.BytesIO(samples[t["key"]]["jpg"])))
+            for t in truth if t["edit"] and t["edit"].startswith("jpeg")}
+
+
+def test_jpeg_copies_keep_full_chroma_unless_asked(data, tmp_path):
+    truth, samples, info = data
+    assert jpeg_chroma(truth, samples) == {0} and info["dup_jpeg_chroma"] == "4:4:4"
+    assert all("4:4:4" in t["edit"] for t in truth if t["edit"] and t["edit"].startswith("jpeg"))
+    write_noisy_clip(tmp_path / "harsh", seed=0, jpeg_subsampling=2, **SMALL)
+    harsh = [json.loads(line) for line in (tmp_path / "harsh" / "truth.jsonl").read_text().splitlines()]
+    counts = {"bad_shards": 0}
+    raw = {s["__key__"]: s for s in read_samples(expand_shard_spec(str(tmp_path / "harsh" / "train"))[0].urls, counts)}
+    assert jpeg_chroma(harsh, raw) == {2}
+    assert [t["kind"] for t in harsh] == [t["kind"] for t in truth]  # the same plan, only the encoding differs
+
+
 def test_held_out_splits_and_info_are_written(noisy):
     for split in ("val", "zeroshot"):
         assert list((noisy / split).glob("shard-*.tar"))
@@ -128,6 +146,7 @@ def test_the_same_seed_gives_the_same_data_and_another_seed_other_data(noisy, tm
     ({"n": 50, "per_shard": 100}, "more than one shard"),
     ({"n": 400, "per_shard": 100, "swapped": 0.5, "near_dup": 0.3}, "cannot be the originals"),
     ({"n": 400, "per_shard": 100, "tiny": -0.1}, r"must be in \[0, 1\]"),
+    ({"n": 400, "per_shard": 100, "jpeg_subsampling": 3}, "jpeg_subsampling must be one of"),
 ])
 def test_bad_settings_fail_before_writing(tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):
