@@ -128,12 +128,14 @@ def test_generation_falls_back_and_matches_sdpa(calls):
     assert calls["fallback"] == LAYERS * 6 and calls["segments"] == 0  # prefill has padding, then cache steps
 
 
-def test_sliding_window_layers_are_refused():
-    class Layer(torch.nn.Module):
+def test_what_it_cannot_keep_apart_is_refused():
+    class Windowed(torch.nn.Module):
         sliding_window = 16
     q = torch.zeros(1, 2, 4, 8)
     with pytest.raises(NotImplementedError, match="sliding-window"):
-        varlen.varlen_attention_forward(Layer(), q, q, q, None, position_ids=torch.arange(4)[None])
+        varlen.varlen_attention_forward(Windowed(), q, q, q, None, position_ids=torch.arange(4)[None])
+    with pytest.raises(ValueError, match="needs the position ids"):  # no mask was built: they are all there is
+        varlen.varlen_attention_forward(torch.nn.Module(), q, q, q, None)
 
 
 def test_a_saved_model_reloads_with_mm_varlen_in_a_fresh_process(tmp_path, samples):

@@ -65,10 +65,12 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     position_ids = kwargs.get("position_ids")
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
-    if (attention_mask is not None or position_ids is None or not causal or query.shape[2] != key.shape[2]
-            or kwargs.get("cache") is not None):
+    if attention_mask is not None or not causal or query.shape[2] != key.shape[2] or kwargs.get("cache") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if position_ids is None:  # varlen_mask built no mask, so only the position ids can keep samples apart
+        raise ValueError(f"attn_implementation={ATTENTION_NAME!r} needs the position ids in the attention call; "
+                         f"{type(module).__name__} does not pass them: use 'sdpa'")
     starts = segment_starts(position_ids, query.shape[0])
     if all(row == [0] for row in starts):  # nothing packed: one call for the whole batch, as sdpa does
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
