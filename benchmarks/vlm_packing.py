@@ -1,17 +1,31 @@
 """Benchmark: packed (padding-free) against padded vision-chat training, in one run on one machine.
 
-    python benchmarks/vlm_packing.py                       # the recorded CPU run: tiny LM, built-in data, ~3 min
+    python benchmarks/vlm_packing.py                       # built-in Q&A mix: tiny-256 LM, built-in data
+    python benchmarks/vlm_packing.py --mix=llava           # lengths spread as LLaVA-665K's: 45-750 tokens
     python benchmarks/vlm_packing.py --samples=200 --lm_size=tiny   # smoke
-    python benchmarks/vlm_packing.py --gpu                 # CUDA, bf16: a 0.5B-class LM with a ViT-B/16 tower, MFU
+    python benchmarks/vlm_packing.py --gpu                 # CUDA, bf16 (skipped, saying so, without CUDA)
 
-Both sides train the same model from the same initial weights on the same samples in the same order, in
-the same groups: a step takes the next group of samples (about `--batch_tokens` real tokens). Packed: the
-group is one row of concatenated samples, position ids restarting per sample, no attention mask
-(mm.vlm.model.pack_batch, what the recipe does). Padded: the same group right-padded to its longest sample
-with an attention mask (mm.vlm.model.pad_batch, what a collator with dynamic padding does, TRL's default).
-Samples are decoded once beforehand (tokenised, images transformed), so only training steps are timed:
-forward, loss, backward, clip, optimizer step. Reported: real (non-pad) tokens per second for each, the
-ratio, and the held-out loss after the same number of tokens.
+Three sides train copies of the same model from the same initial weights on the same samples in the same
+order and groups: a step takes the next group of samples (about `--batch_tokens` real tokens).
+- varlen: the group packed into one row, position ids restarting per sample, no attention mask
+  (mm.vlm.model.pack_batch, what the recipe does), attention "mm_varlen" (mm.vlm.attention): causal SDPA on
+  each sample's slice, no T x T mask.
+- dense: the same packed row with transformers' "sdpa", which builds a block-diagonal [T, T] mask from the
+  position ids (what the recipe did before mm_varlen); --row_tokens=N splits it into rows of N (pack_rows).
+- padded: the group right-padded to its longest sample with an attention mask (mm.vlm.model.pad_batch, what a
+  collator with dynamic padding does, TRL's default), "sdpa".
+Steps are interleaved (step i of every side, in a rotating order, before step i+1), so a change in the
+machine's load falls on all sides alike. Samples are decoded once beforehand (tokenised, images
+transformed), so only training steps are timed: forward, loss, backward, clip, optimizer step. Reported:
+real (non-pad) tokens per second for each, the ratios to padded, and the held-out loss after the same tokens.
+
+Mixes. qa: the built-in multi-turn Q&A conversations as they are (similar lengths, little padding to save).
+llava: the same conversations stretched or cut to lengths drawn from a long-tailed distribution like
+LLaVA-665K's (single-answer VQA next to long multi-turn chats): log-normal with a median of 150 tokens and
+sigma 0.8, clipped to 45-750 (a shape chosen by hand to that range, not fitted to the real file). A sample keeps
+its image and first turn and then takes whole Q&A turns, from its own conversation and then from others (text
+only), until it reaches its drawn length; it is written as chat JSONL (<out>/llava_mix.jsonl) and decoded like
+the built-in data.
 
 TRL's SFTTrainer with a Hugging Face LlavaForConditionalGeneration is not run: LLaVA's HF class needs a
 CLIP/SigLIP-style vision config, so it cannot hold our tower (a ResNet), and its processor expands
@@ -20,8 +34,12 @@ CLIP/SigLIP-style vision config, so it cannot hold our tower (a ResNet), and its
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
+import math
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,11 +50,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.clip_vs_open_clip import machine  # noqa: E402
+from mm.checkpoint import atomic_write  # noqa: E402
+from mm.shards import read_samples  # noqa: E402
 from mm.vlm.data import vlm_decoder  # noqa: E402
 from mm.vlm.model import build_vlm, lm_loss, pack_batch, pack_rows, pad_batch  # noqa: E402
-from mm.shards import read_samples  # noqa: E402
+
+SIDES = ("varlen", "dense", "padded")  # see the module docstring
+LLAVA_MEDIAN, LLAVA_SIGMA, LLAVA_RANGE = 150, 0.8, (45, 750)  # the llava mix's length distribution, in tokens
 
 
+# ---------------------------------------------------------------- data
 def decode_all(path: str, decode, limit: int) -> list[dict]:
     counts = {"bad_shards": 0}
     out = []
@@ -45,6 +68,57 @@ def decode_all(path: str, decode, limit: int) -> list[dict]:
         if len(out) >= limit:
             break
     return out
+
+
+def turn_pairs(messages: list[dict]) -> list[tuple[object, str]]:
+    """A conversation's (user content, assistant answer) pairs, in order."""
+    return [(messages[i]["content"], messages[i + 1]["content"]) for i in range(0, len(messages) - 1, 2)]
+
+
+def text_of(content) -> str:
+    return content if isinstance(content, str) else " ".join(p["text"] for p in content if p["type"] == "text")
+
+
+def template_tokens(tokenizer) -> int:
+    """Tokens the chat template adds around one question and its answer."""
+    turn = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    text = tokenizer.apply_chat_template(turn, tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) - 2
+
+
+def write_llava_mix(data: Path, out: Path, tokenizer, image_tokens: int, n: int, seed: int = 0) -> Path:
+    """<out>/llava_mix.jsonl: n conversations of the built-in data stretched or cut to lengths drawn from
+    log-normal(LLAVA_MEDIAN, LLAVA_SIGMA) clipped to LLAVA_RANGE (see the module docstring). Image paths are
+    made absolute, so the file reads from anywhere. Lengths are estimated per turn here; decoding measures them."""
+    lines = [json.loads(line) for line in open(data / "train.jsonl")]
+    pool = [pair for line in lines for pair in turn_pairs(line["messages"])[1:]]  # later turns: text only
+    rng = random.Random(seed)
+    overhead = template_tokens(tokenizer)
+
+    def cost(pair) -> int:
+        return len(tokenizer(text_of(pair[0]))["input_ids"]) + len(tokenizer(pair[1])["input_ids"]) + overhead
+
+    rows = []
+    for k in range(n):
+        target = min(max(rng.lognormvariate(math.log(LLAVA_MEDIAN), LLAVA_SIGMA), LLAVA_RANGE[0]), LLAVA_RANGE[1])
+        own = turn_pairs(lines[k % len(lines)]["messages"])
+        first, rest = own[0], own[1:]
+        turns, used = [first], image_tokens + cost(first)
+        for pair in itertools.chain(rest, (rng.choice(pool) for _ in itertools.count())):  # ends: cost > 0
+            if used + cost(pair) > target:
+                break
+            turns.append(pair)
+            used += cost(pair)
+        messages = []
+        for content, answer in turns:
+            if not isinstance(content, str):  # the first turn: its image, by absolute path
+                content = [{**p, "image_url": {"url": str((data / p["image_url"]["url"]).resolve())}}
+                           if p["type"] == "image_url" else p for p in content]
+            messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+        rows.append(json.dumps({"messages": messages}))
+    path = out / "llava_mix.jsonl"
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(rows) + "\n"))
+    return path
 
 
 def groups_of(samples: list[dict], batch_tokens: int) -> list[list[dict]]:
@@ -59,36 +133,62 @@ def groups_of(samples: list[dict], batch_tokens: int) -> list[list[dict]]:
     return groups + ([cur] if cur else [])
 
 
-def batch_of(group: list[dict], packed: bool, pad_id: int, device, row_tokens: int = 0) -> dict:
-    batch = (pack_rows(group, row_tokens, pad_id) if row_tokens else pack_batch(group)) if packed else pad_batch(group, pad_id)
+def length_stats(samples: list[dict]) -> dict:
+    lengths = sorted(len(s["input_ids"]) for s in samples)
+    return {"min": lengths[0], "median": statistics.median(lengths), "mean": round(statistics.mean(lengths), 1),
+            "p90": lengths[int(0.9 * (len(lengths) - 1))], "max": lengths[-1]}
+
+
+# ---------------------------------------------------------------- sides
+def batch_of(group: list[dict], side: str, pad_id: int, device, row_tokens: int = 0) -> dict:
+    if side == "padded":
+        batch = pad_batch(group, pad_id)
+    elif side == "dense" and row_tokens:
+        batch = pack_rows(group, row_tokens, pad_id)
+    else:
+        batch = pack_batch(group)
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def train_side(model, groups, packed: bool, pad_id: int, device, lr: float, autocast, row_tokens: int = 0) -> dict:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95))
+def make_side(model, attn: str, lr: float) -> dict:
+    """A copy of the model with the LM's attention set, its optimizer, and its tallies."""
+    model = copy.deepcopy(model)
+    model.lm.set_attn_implementation(attn)
     model.train()
-    real = padded = 0
-    t_total = 0.0
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95))
+    return {"model": model, "opt": opt, "attn": attn, "seconds": 0.0, "real": 0, "computed": 0}
+
+
+def train_step(side: dict, batch: dict, autocast, device) -> float:
+    """One optimizer step; returns its seconds (synchronised on CUDA)."""
+    model, opt = side["model"], side["opt"]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    with autocast():
+        logits = model(batch["input_ids"], batch["pixel_values"], position_ids=batch.get("position_ids"),
+                       attention_mask=batch.get("attention_mask"))[0]
+    loss_sum, n = lm_loss(logits.float(), batch["labels"])
+    (loss_sum / n.clamp(min=1)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def train_interleaved(sides: dict, groups, pad_id: int, device, autocast, row_tokens: int, warmup: int = 2) -> None:
+    """Step i of every side (in an order rotating with i) before step i+1; the first `warmup` steps untimed."""
+    names = list(sides)
     for i, group in enumerate(groups):
-        batch = batch_of(group, packed, pad_id, device, row_tokens)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        with autocast():
-            logits = model(batch["input_ids"], batch["pixel_values"], position_ids=batch.get("position_ids"),
-                           attention_mask=batch.get("attention_mask"))[0]
-        loss_sum, n = lm_loss(logits.float(), batch["labels"])
-        (loss_sum / n.clamp(min=1)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:  # warm-up steps are not timed
-            t_total += time.perf_counter() - t
-            real += sum(len(s["input_ids"]) for s in group)
-            padded += batch["input_ids"].numel()
-    return {"tokens_per_s": real / t_total, "padded_share": 1 - real / padded, "seconds": t_total, "steps": len(groups)}
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            batch = batch_of(group, name, pad_id, device, row_tokens)
+            seconds = train_step(sides[name], batch, autocast, device)
+            if i >= warmup:
+                sides[name]["seconds"] += seconds
+                sides[name]["real"] += sum(len(s["input_ids"]) for s in group)
+                sides[name]["computed"] += batch["input_ids"].numel()
 
 
 @torch.no_grad()
@@ -96,7 +196,7 @@ def heldout(model, samples, pad_id, device, autocast) -> float:
     model.eval()
     total = count = 0.0
     for group in groups_of(samples, 2048):
-        batch = batch_of(group, True, pad_id, device)
+        batch = batch_of(group, "varlen", pad_id, device)
         with autocast():
             logits = model(batch["input_ids"], batch["pixel_values"], position_ids=batch["position_ids"])[0]
         s, n = lm_loss(logits.float(), batch["labels"])
@@ -104,59 +204,75 @@ def heldout(model, samples, pad_id, device, autocast) -> float:
     return total / count
 
 
-def main(argv=None) -> dict:
+# ---------------------------------------------------------------- main
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="data/vlm_synth", help="built-in data folder (made if missing)")
-    p.add_argument("--samples", type=int, default=1500, help="training samples each side trains on")
+    p.add_argument("--mix", choices=("qa", "llava"), default="qa", help="sample lengths (see the docstring)")
+    p.add_argument("--samples", type=int, default=1000, help="training samples each side trains on")
     p.add_argument("--batch_tokens", type=int, default=1024, help="real tokens a step, about")
     p.add_argument("--lm_size", default="tiny-256", help="tiny LM size (mm.vlm.lm.TINY_LM_SIZES)")
     p.add_argument("--lm", default=None, help="an LM spec instead (HF folder, .gguf, smollm2)")
     p.add_argument("--vision", default="open_clip:mm-tiny-rn-32")
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--row_tokens", type=int, default=256, help="packed rows of this many tokens")
+    p.add_argument("--row_tokens", type=int, default=0, help="dense side: rows of this many tokens (0: one row)")
+    p.add_argument("--seed", type=int, default=0, help="sample order and the llava mix's lengths")
     p.add_argument("--gpu", action="store_true", help="CUDA + bf16 (skipped, saying so, without CUDA)")
     p.add_argument("--out", default="runs/bench_vlm_packing")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    from data_tools.synthetic_vlm import ensure_synthetic_vlm
     from mm.vlm.lm import load_lm
     from mm.vlm.vision import image_transform, load_vision_tower
-    from data_tools.synthetic_vlm import ensure_synthetic_vlm
 
     if a.gpu and not torch.cuda.is_available():
         print("--gpu: no CUDA device here; skipped")
         return {}
     device = torch.device("cuda" if a.gpu else "cpu")
     autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if a.gpu else (lambda: torch.autocast("cpu", enabled=False))
-    ensure_synthetic_vlm(a.data)
-    out = Path(a.out)
-    texts = [json.loads(line)["messages"][1]["content"] for line in open(Path(a.data) / "train.jsonl")][:2000]
+    data, out = Path(a.data), Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_synthetic_vlm(data)
+    texts = [json.loads(line)["messages"][1]["content"] for line in open(data / "train.jsonl")][:2000]
     torch.manual_seed(0)
     lm, tokenizer = load_lm(a.lm or a.lm_size, texts=None if a.lm else texts + ["What colour is it?"],
                             vocab_size=1024, tokenizer_dir=out / "tokenizer")
     vision = load_vision_tower(a.vision, layer=-2, image_size=a.image_size or None)
     model = build_vlm(vision, lm, tokenizer)
-    init = {k: v.clone() for k, v in model.state_dict().items()}
     decode = vlm_decoder(tokenizer, image_transform(vision, train=False), image_tokens=model.tokens_per_image,
                          max_tokens=1024)
-    train = decode_all(str(Path(a.data) / "train.jsonl"), decode, a.samples)
-    held = decode_all(str(Path(a.data) / "heldout.jsonl"), decode, 200)
-    random.Random(0).shuffle(train)
+    train_file = data / "train.jsonl"
+    if a.mix == "llava":
+        train_file = write_llava_mix(data, out, tokenizer, model.tokens_per_image, a.samples, a.seed)
+    train = decode_all(str(train_file), decode, a.samples)
+    held = decode_all(str(data / "heldout.jsonl"), decode, 200)
+    random.Random(a.seed).shuffle(train)
     groups = groups_of(train, a.batch_tokens)
-    results = {"machine": machine(), "samples": len(train), "steps": len(groups),
-               "mean_tokens": sum(len(s["input_ids"]) for s in train) / len(train), "lm": a.lm or a.lm_size,
+    results = {"machine": machine(), "mix": a.mix, "samples": len(train), "steps": len(groups),
+               "lengths": length_stats(train), "lm": a.lm or a.lm_size, "row_tokens": a.row_tokens,
                "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
-    for name, packed, rows in (("packed", True, a.row_tokens), ("one_row", True, 0), ("padded", False, 0)):
-        model.load_state_dict(init)
-        model.to(device)
-        side = train_side(model, groups, packed, tokenizer.pad_token_id, device, a.lr, autocast, rows)
-        side["heldout_loss"] = heldout(model, held, tokenizer.pad_token_id, device, autocast)
-        results[name] = side
-        print(f"{name:>7}: {side['tokens_per_s']:,.0f} real tokens/s, {side['padded_share']:.1%} padding, "
-              f"{side['seconds']:.1f} s, held-out loss {side['heldout_loss']:.4f} after {len(train)} samples")
-    results["ratio"] = results["packed"]["tokens_per_s"] / results["padded"]["tokens_per_s"]
-    print(f"packed / padded: {results['ratio']:.2f}x tokens/s (goal >= 1.4x); {results['machine']}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"{a.mix} mix: {len(train)} samples, tokens {results['lengths']}, {len(groups)} steps of ~{a.batch_tokens}")
+    sides = {name: make_side(model, attn, a.lr) for name, attn in
+             zip(SIDES, ("mm_varlen", "sdpa", "sdpa"))}
+    for side in sides.values():
+        side["model"].to(device)
+    train_interleaved(sides, groups, tokenizer.pad_token_id, device, autocast, a.row_tokens)
+    for name, side in sides.items():
+        row = {"attn": side["attn"], "tokens_per_s": side["real"] / side["seconds"],
+               "padded_share": 1 - side["real"] / side["computed"], "seconds": side["seconds"],
+               "heldout_loss": heldout(side["model"], held, tokenizer.pad_token_id, device, autocast)}
+        results[name] = row
+        print(f"{name:>7} ({row['attn']:>9}): {row['tokens_per_s']:,.0f} real tokens/s, {row['padded_share']:.1%} "
+              f"padding, {row['seconds']:.1f} s, held-out loss {row['heldout_loss']:.4f} after {len(train)} samples")
+    for name in ("varlen", "dense"):
+        results[f"ratio_{name}"] = results[name]["tokens_per_s"] / results["padded"]["tokens_per_s"]
+    print(f"packed / padded: {results['ratio_varlen']:.2f}x with mm_varlen, {results['ratio_dense']:.2f}x with "
+          f"sdpa's dense mask (goal >= 1.4x); {results['machine']}")
+    atomic_write(out / f"results_{a.mix}.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
     return results
 
 

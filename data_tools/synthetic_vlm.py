@@ -53,7 +53,7 @@ from pathlib import Path
 from data_tools.synthetic_clip import BACKGROUNDS, COLOURS, SHAPES, _jitter, render
 from mm.vlm.evaluate import normalize_answer
 
-INFO_VERSION = 1
+INFO_VERSION = 2  # bump when what a given set of arguments writes changes (2: frame x word phrasings)
 COLUMNS = ("left", "middle", "right")  # one object per column: left/right relations are never ambiguous
 COLUMN_X = (1 / 6, 1 / 2, 5 / 6)  # column centres, fraction of the image side
 X_JITTER = 0.01  # so that even two large stars in neighbouring columns never touch (half-width <= 1.1 r)
@@ -63,34 +63,62 @@ NOTHING = "nothing"  # the answer to "what is left of X" when nothing is
 SCORED_TYPES = ("colour", "shape", "count", "exists", "left_of", "right_of", "where")
 QUESTION_TYPES = SCORED_TYPES + ("describe",)
 
-# type -> (training phrasings, held-out phrasings). Held-out ones recombine words the training ones use
-# ("tell me", "name", "in the image"), so a small model trained from scratch can still parse them.
-PHRASINGS = {
-    "colour": (("What colour is the {shape}?", "Which colour is the {shape}?", "What is the colour of the {shape}?",
-                "Name the colour of the {shape}."),
-               ("Tell me the colour of the {shape}.", "The {shape} is which colour?")),
-    "shape": (("What shape is the {colour} object?", "Which shape is the {colour} object?",
-               "What is the shape of the {colour} object?", "Tell me the shape of the {colour} object."),
-              ("Name the shape of the {colour} object.", "The {colour} object is which shape?")),
-    "count": (("How many objects are there?", "How many objects are in the image?", "How many objects can you see?",
-               "Tell me the number of objects."),
-              ("What is the number of objects in the image?", "Name the number of objects.")),
+# Questions are frames x content words. Every attribute frame is trained with two or three question types and
+# held out for another, so a held-out phrasing is a frame the model has read, with a content word it has read
+# in other frames: to answer it the model must read the word, not recognise the frame. (Version 1 held out
+# frames that training used for one other type only, and the tiny LM answered that type from the frame.)
+ATTRIBUTE_FRAMES = ("What {attr} is {thing}?", "Which {attr} is {thing}?", "What is the {attr} of {thing}?",
+                    "Tell me the {attr} of {thing}.", "Name the {attr} of {thing}.", "{thing} is which {attr}?")
+# type -> (attribute word, what is asked about, one letter per frame: T trained, H held out, - not used because
+# the sentence would not be English: "What number is objects?")
+ATTRIBUTE_PLAN = {"colour": ("colour", "the {shape}", "TTTHTH"),
+                  "shape": ("shape", "the {colour} object", "THTTHT"),
+                  "where": ("position", "the {thing}", "HTHTTT"),
+                  "count": ("number", "objects", "--THT-")}
+# Two relation types only, so a frame held out for one is trained for the other; two frames train both, so
+# that the model learns that "left" and "right" decide the answer inside one frame.
+RELATION_FRAMES = ("What is {rel} of {thing}?", "What is to the {rel} of {thing}?", "Which object is {rel} of {thing}?",
+                   "Name the object to the {rel} of {thing}.", "Tell me what is {rel} of {thing}.",
+                   "Which object is to the {rel} of {thing}?")
+RELATION_PLAN = {"left_of": ("left", "TTHTHT"), "right_of": ("right", "TTTHTH")}
+# Phrasings of one type only, trained and held out: no other type asks yes/no or wants a caption, and the
+# count and where ones are the plain questions a user asks first.
+OWN_PHRASINGS = {
+    "count": (("How many objects are there?", "How many objects are in the image?", "How many objects can you see?"),
+              ()),
+    "where": (("Where is the {thing}?", "Where is the {thing} in the image?",
+               "Which part of the image is the {thing} in?"), ()),
     "exists": (("Is there a {thing}?", "Is there a {thing} in the image?", "Can you see a {thing}?",
                 "Is a {thing} there?"),
                ("Can you see a {thing} in the image?", "Tell me if there is a {thing}.")),
-    "left_of": (("What is left of the {thing}?", "What is to the left of the {thing}?",
-                 "Which object is left of the {thing}?"),
-                ("Name the object to the left of the {thing}.", "Tell me what is left of the {thing}.")),
-    "right_of": (("What is right of the {thing}?", "What is to the right of the {thing}?",
-                  "Which object is right of the {thing}?"),
-                 ("Name the object to the right of the {thing}.", "Tell me what is right of the {thing}.")),
-    "where": (("Where is the {thing}?", "Where is the {thing} in the image?",
-               "Which part of the image is the {thing} in?"),
-              ("Tell me where the {thing} is.", "Name the part of the image the {thing} is in.")),
     "describe": (("Describe the image.", "What do you see?", "Describe this picture.",
                   "Write a caption for the image."),
                  ("Tell me what the image shows.", "What is in the picture?")),
 }
+
+
+def frame_phrasings() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """type -> (training phrasings, held-out phrasings): the frames filled with each type's words, per its
+    plan, plus its own phrasings. Phrasings are templates over {colour}, {shape} and {thing}."""
+    planned = {kind: (ATTRIBUTE_FRAMES, letters, {"attr": attr, "thing": thing})
+               for kind, (attr, thing, letters) in ATTRIBUTE_PLAN.items()}
+    planned |= {kind: (RELATION_FRAMES, letters, {"rel": rel, "thing": "the {thing}"})
+                for kind, (rel, letters) in RELATION_PLAN.items()}
+    out = {}
+    for kind in QUESTION_TYPES:
+        train, held = OWN_PHRASINGS.get(kind, ((), ()))
+        frames, letters, words = planned.get(kind, ((), "", {}))
+        filled = {letter: tuple(_capitalise(f.format(**words)) for f, x in zip(frames, letters) if x == letter)
+                  for letter in "TH"}
+        out[kind] = (filled["T"] + train, filled["H"] + held)
+    return out
+
+
+def _capitalise(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+PHRASINGS = frame_phrasings()
 CAPTION_STYLES = ("list", "count")  # align captions come in both; SFT "describe" answers use "list" only
 COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 TRAIN_TYPE_WEIGHTS = {**{t: 1.0 for t in SCORED_TYPES}, "describe": 0.5}

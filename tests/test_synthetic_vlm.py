@@ -2,6 +2,7 @@
 phrasings and pairs that never reach training."""
 import collections
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -109,6 +110,46 @@ def test_leak_checks_fail_on_leaks(monkeypatch):
     monkeypatch.setitem(synth.PHRASINGS, "colour", (colour_train, colour_held + (colour_train[0],)))
     with pytest.raises(AssertionError, match="held-out phrasings equal training phrasings"):
         synth.check_phrasings_disjoint()
+
+
+# what a frame's slots hold: one content word ("colour", "left"); what is asked about, as a template or filled
+# in ("the {shape}", "the red object", "objects")
+SLOTS = {"{attr}": r"\w+", "{rel}": r"\w+", "{thing}": r"(?:the [\w{} ]+|objects)"}
+
+
+def frame_of(template: str) -> str | None:
+    """The one attribute or relation frame a phrasing template fills, or None for a type's own phrasing."""
+    found = []
+    for frame in synth.ATTRIBUTE_FRAMES + synth.RELATION_FRAMES:
+        pieces = re.split(r"(\{attr\}|\{rel\}|\{thing\})", frame)
+        pattern = "".join(SLOTS.get(p) or re.escape(p) for p in pieces)
+        if re.fullmatch(pattern, template[0].lower() + template[1:]) or re.fullmatch(pattern, template):
+            found.append(frame)
+    assert len(found) <= 1, (template, found)
+    return found[0] if found else None
+
+
+def test_heldout_frames_are_trained_with_other_question_types(data):
+    """Read from PHRASINGS and from the held-out questions written: every attribute frame is trained with two or
+    three question types, and every held-out attribute or relation question fills a frame that training uses
+    for other types (never for its own), so neither a new frame nor a frame's one trained type gives it away."""
+    trained = collections.defaultdict(set)
+    for kind, (train, _) in synth.PHRASINGS.items():
+        for template in train:
+            trained[frame_of(template)].add(kind)
+    assert all(2 <= len(trained[frame]) <= 3 for frame in synth.ATTRIBUTE_FRAMES), dict(trained)
+    assert any(trained[frame] == {"left_of", "right_of"} for frame in synth.RELATION_FRAMES)
+    framed_types = set(synth.ATTRIBUTE_PLAN) | set(synth.RELATION_PLAN)
+    questions = {(r["type"], r["question"]) for r in sidecar(data, "heldout") if r["type"] in framed_types}
+    templates = {(kind, t) for kind in framed_types for t in synth.PHRASINGS[kind][1]}
+    assert {kind for kind, _ in templates} == framed_types
+    assert {kind for kind, _ in questions} == framed_types
+    for kind, template in templates:
+        frame = frame_of(template)
+        assert frame is not None, f"{kind}: held-out {template!r} is no frame"
+        assert kind not in trained[frame] and trained[frame] - {kind}, (kind, template, trained[frame])
+    for kind, question in questions:
+        assert kind not in trained[frame_of(question)] and trained[frame_of(question)], (kind, question)
 
 
 def oracle(scene, turn):

@@ -1,6 +1,6 @@
 """The composed VLM: packed batches (one row, position_ids restarting, no mask) give each sample exactly the
-logits and loss it gets alone, with sdpa and eager; the guard refuses the layouts that leak; padded batches agree;
-save/load, LoRA and parameter groups behave."""
+logits and loss it gets alone, with mm_varlen, sdpa and eager; the guard refuses the layouts that leak; padded
+batches agree; save/load, LoRA and parameter groups behave."""
 import copy
 import shutil
 
@@ -64,7 +64,7 @@ def alone(model, sample):
     return logits[0], total, count
 
 
-@pytest.fixture(params=["sdpa", "eager"])
+@pytest.fixture(params=["mm_varlen", "sdpa", "eager"])
 def model_with(request, vlm):
     model, tokenizer = vlm
     model = copy.deepcopy(model)

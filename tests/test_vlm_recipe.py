@@ -210,7 +210,7 @@ def test_dry_run_prints_tokens_epochs_and_time_and_trains_nothing(vlm_data, tmp_
     proc = run_vlm_recipe([*data_args(vlm_data, out), "--config=tiny", "--dry_run=true", "--n_epochs=auto",
                            "--batch_size=auto", "--lr_multiplier=auto", "--max_steps=0"])
     match = re.search(r"dry run: 60 examples, ([\d,]+) tokens \([\d,]+ in the loss\) x 3 epochs = ([\d,]+) tokens; "
-                      r"78 steps of 1 x 256-token packs; ~[\d.]+ s a step here, so ~[\d.]+ min on cpu", proc.stdout)
+                      r"84 steps of 1 x 256-token packs; ~[\d.]+ s a step here, so ~[\d.]+ min on cpu", proc.stdout)
     assert match, proc.stdout
     tokens, total = (int(g.replace(",", "")) for g in match.groups())
     assert total == 3 * tokens and tokens > 60 * 50

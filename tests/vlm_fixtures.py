@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import ROOT, SUBPROCESS_ENV
 
-# data_tools.synthetic_vlm, small: 60 multi-turn training lines (~110 tokens each), 30 held-out questions
+# data_tools.synthetic_vlm, small: 60 multi-turn training lines (~120 tokens each), 30 held-out questions
 TINY_VLM_DATA = {"train": 60, "align": 20, "heldout": 30, "prefs": 10}
 
 # The tiny preset with batch_size and lr_multiplier left to auto (batch 1, x2) and 6 epochs: ~155 steps,

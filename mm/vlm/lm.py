@@ -5,7 +5,8 @@
     load_lm("tiny", texts=corpus, tokenizer_dir=out)    # random Llama + a byte-level BPE trained on `corpus`
 
 Every path returns (model, tokenizer) with a chat template, float32 weights unless asked otherwise, and the
-attention implementation chosen by the caller ("sdpa" default, "eager" for reference and parity checks).
+attention implementation chosen by the caller: "mm_varlen" (mm.vlm.attention: packed samples without a T x T
+mask), "sdpa" (the default here, as in transformers), "eager" (reference and parity checks), "flash_attention_2".
 """
 from __future__ import annotations
 
@@ -77,12 +78,15 @@ def load_lm(spec: str, attn_implementation: str = "sdpa", dtype: torch.dtype = t
             chat_template: str | None = None):
     """(causal LM, tokenizer) from a spec: a Hugging Face folder, a .gguf file, or a TINY_LM_SIZES name.
 
-    attn_implementation: "sdpa" or "eager" (both keep packed samples apart, see mm/vlm/model.py).
+    attn_implementation: "mm_varlen", "sdpa", "eager" or "flash_attention_2" (all keep packed samples apart,
+        see mm/vlm/model.py; mm_varlen without building a mask).
     dtype: the weights' dtype; float32 by default since GGUF dequantises to it and CPU training needs it.
     texts, vocab_size, tokenizer_dir: for a tiny LM, the tokenizer's training texts and where it is saved
         (a tokenizer_dir that already holds a tokenizer is reused when texts is None).
     chat_template: sets (or replaces) the tokenizer's template; a model without one needs it.
     """
+    import mm.vlm.attention  # noqa: F401  registers "mm_varlen" with transformers
+
     spec = resolve_packaged_lm(spec)
     if spec in TINY_LM_SIZES:
         model, tokenizer = _tiny_lm(spec, attn_implementation, texts, vocab_size, tokenizer_dir)

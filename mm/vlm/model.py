@@ -5,7 +5,8 @@ embeddings at those positions with the projected image features, images in order
 
 Batches come in two layouts, both exact:
 - packed (the default for training): ONE row [1, sum T_i] of concatenated samples, position_ids restarting at 0
-  for each sample, attention_mask=None, use_cache=False. No padding is computed.
+  for each sample, attention_mask=None, use_cache=False. No padding is computed; with the LM's attention set to
+  "mm_varlen" (mm.vlm.attention) no [T, T] mask either, each sample attends within its own slice.
 - padded (kept for comparison and generation): [B, max T_i], right padding, attention_mask.
 Losses are sums with their token counts (lm_loss), so a per-token mean stays exact across packs and accumulation.
 """
@@ -134,7 +135,8 @@ def check_packed_arguments(position_ids, attention_mask, use_cache: bool) -> Non
 
     We rely on transformers 5.23 masking_utils: create_causal_mask -> _preprocess_mask_arguments calls
     find_packed_sequence_indices(position_ids) only when `attention_mask is None and past_key_values is None`;
-    the resulting packed_sequence_mask keeps each query inside its own sample (sdpa and eager alike). Any 2-D mask,
+    the resulting packed_sequence_mask keeps each query inside its own sample (sdpa and eager alike; mm_varlen
+    reads the same position ids and falls back to sdpa when a mask is given). Any 2-D mask,
     even all ones, or use_cache=True (the model then creates a DynamicCache) skips that detection, and every
     sample attends to the samples before it in the row.
     """
@@ -346,6 +348,8 @@ def load_vlm(path: str | Path, device: str | torch.device = "cpu", attn_implemen
     """(model in eval mode, tokenizer, config) from a save_vlm folder, in one call, offline."""
     from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    import mm.vlm.attention  # noqa: F401  a model saved with "mm_varlen" needs it registered
 
     path = Path(path)
     if not (path / VLM_CONFIG).is_file():

@@ -10,8 +10,9 @@
     python recipes/vlm/train.py --help                            # every key, its type, default and meaning
 
 Training is padding-free: samples are packed into one sequence per batch, with position ids restarting
-per sample so attention stays inside each sample (mm.vlm.model.pack_batch); --packing=false pads
-instead. The loss falls on assistant tokens only, found from the tokenizer's own chat template. The run
+per sample so attention stays inside each sample (mm.vlm.model.pack_batch; the default attention,
+mm_varlen, runs it sample by sample without a T x T mask); --packing=false pads instead. The loss
+falls on assistant tokens only, found from the tokenizer's own chat template. The run
 ends with the held-out loss and exact-match VQA accuracy, and saves a model that
 `mm.vlm.inference.VisionChat.from_checkpoint(out_dir)` loads.
 """
@@ -76,7 +77,7 @@ class VLMConfig:
     vision_layer: int = -2  # which block's patch tokens (LLaVA: the penultimate)
     image_size: int = 64  # input size for a convolutional tower (0: its own; larger gives more tokens)
     pixel_shuffle: int = 1  # token reduction factor r: r^2 tokens -> 1 (1: off)
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"  # the LM's attention
+    attn_implementation: Literal["mm_varlen", "sdpa", "eager", "flash_attention_2"] = "mm_varlen"  # the LM's attention (mm_varlen: per packed sample, no T x T mask)
     init_from: str | None = None  # a previous vision-chat run or export to continue from (e.g. after --stage=align)
     # --- what trains
     stage: Literal["single", "align", "sft"] = "single"  # align: projector only; sft: + LM (+ tower unless frozen); single: all at once
