@@ -2,6 +2,7 @@
 corrupt samples and truncated shards reported (not fatal), the input untouched, and the example config runs."""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,9 @@ def test_example_keys_of_the_disabled_steps_are_theirs(name):
     """The model steps are off in the example; their keys must still be right for when they are switched on."""
     from mm.config import apply_overrides
 
-    module = pytest.importorskip(pipeline.STEPS[name])
+    module = importlib.import_module(pipeline.STEPS[name])
     (entry,) = [s for s in yaml.safe_load(EXAMPLE.read_text())["steps"] if s["name"] == name]
-    apply_overrides(pipeline.config_class(module)(), {k: v for k, v in entry.items() if k not in pipeline.STEP_KEYS})
+    keys = {k: v for k, v in entry.items() if k not in pipeline.STEP_KEYS}
+    assert keys, f"the example's {name} entry sets no keys"
+    cfg = apply_overrides(pipeline.config_class(module)(), keys)  # raises on an unknown key or a wrong type
+    assert {k: getattr(cfg, k) for k in keys} == keys
