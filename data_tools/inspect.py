@@ -51,6 +51,8 @@ from mm.metrics import setup_logging
 from mm.media import AUDIO_KEYS, DEFAULT_MAX_SECONDS, IMAGE_KEYS, SAMPLE_RATE, AudioTooLong, load_audio, open_image
 from mm.shards import ShardSpecError, expand_shard_spec, read_samples
 
+from data_tools.curate.io import local_input_inside
+
 log = logging.getLogger("data_tools.inspect")
 
 BAD_KINDS = ("undecodable_image", "undecodable_audio", "audio_too_long", "missing_text", "missing_media", "bad_json")
@@ -459,13 +461,10 @@ def check_output(output: Path) -> None:
 
 def check_not_input(output: Path, urls: list[str]) -> None:
     """ReportError when `output` holds one of the local shards read: publishing the report replaces the folder."""
-    real = output.resolve()
-    for url in urls:
-        if url.startswith(("http://", "https://", "pipe:", "s3://", "gs://")):
-            continue
-        if real in Path(url).resolve().parents:
-            raise ReportError(f"--output {output} holds input shard {url}, and the report replaces that folder; "
-                              "name another folder")
+    url = local_input_inside(output, urls)
+    if url is not None:
+        raise ReportError(f"--output {output} holds input shard {url}, and the report replaces that folder; "
+                          "name another folder")
 
 
 def publish(tmp: Path, output: Path) -> None:

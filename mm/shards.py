@@ -53,7 +53,8 @@ class Source:
     weight: float = 1.0
 
 
-def _is_remote(url: str) -> bool:
+def is_remote(url: str) -> bool:
+    """A URL that is not a local path (read over the network or through a command)."""
     return url.startswith(("http://", "https://", "pipe:", "s3://", "gs://"))
 
 
@@ -73,11 +74,11 @@ def expand_shard_spec(spec: str, weights: list[float] | None = None) -> list[Sou
     for i, part in enumerate(parts):
         urls: list[str] = []
         for url in wds.shardlists.expand_urls(part):
-            if not _is_remote(url) and os.path.isdir(url):
+            if not is_remote(url) and os.path.isdir(url):
                 urls += sorted(os.path.join(url, f) for f in os.listdir(url) if f.endswith(SHARD_EXTENSIONS))
             else:
                 urls.append(url)
-        local = [u for u in urls if not _is_remote(u)]
+        local = [u for u in urls if not is_remote(u)]
         missing = [u for u in local if not os.path.isfile(u) or os.path.getsize(u) == 0]
         if not urls:
             raise ShardSpecError(f"shard spec {part!r} (in {spec!r}) matches no shards")
@@ -166,7 +167,7 @@ def read_jsonl_lines(stream, unit: Unit) -> Iterator[dict]:
     """Lines `offset`, `offset + stride`, ... of a JSONL manifest as raw samples
     {"__key__": "<stem>:<line>", "__url__", "__root__": the manifest's folder, "json": line bytes}."""
     stem = os.path.basename(unit.url).rsplit(".", 1)[0]
-    root = "" if _is_remote(unit.url) else os.path.dirname(os.path.abspath(unit.url))
+    root = "" if is_remote(unit.url) else os.path.dirname(os.path.abspath(unit.url))
     for i, line in enumerate(stream):
         if i % unit.stride == unit.offset and line.strip():
             yield {"__key__": f"{stem}:{i + 1}", "__url__": unit.url, "__root__": root, "json": line}

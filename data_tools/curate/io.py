@@ -25,13 +25,13 @@ from typing import Iterator
 import webdataset as wds
 from PIL import Image
 
+from mm.decoders import TEXT_KEYS  # the fields a caption or transcript is read from, as the recipes read them
 from mm.media import AUDIO_KEYS, DEFAULT_MAX_PIXELS, IMAGE_KEYS, open_image
-from mm.shards import COUNTS, expand_shard_spec, is_manifest, read_samples
+from mm.shards import COUNTS, expand_shard_spec, is_manifest, is_remote, read_samples
 
 from data_tools.curate.report import Report
 
 REPORT_NAME = "report.json"
-TEXT_KEYS = ("txt", "caption", "text")  # sample fields that hold a caption or transcript (as mm.decoders reads)
 JSON_TEXT_KEYS = ("text", "caption")  # else these keys of the sample's json
 TAR_MTIME = 0  # every member's mtime: fixed, so the same samples always make the same shard bytes
 # What a run leaves behind if it is killed: ShardWriter's temp shards and run_chain's temp folders.
@@ -237,8 +237,15 @@ def read_own_files(output_dir: Path) -> list[str]:
     return files
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
+def local_input_inside(folder: str | Path, urls: list[str]) -> str | None:
+    """The first local shard of `urls` that is `folder` or lies inside it (None when there is none): writing a
+    report or shards there could replace the input."""
+    real = Path(folder).resolve()
+    for url in urls:
+        path = Path(url).resolve()
+        if not is_remote(url) and (path == real or real in path.parents):
+            return url
+    return None
 
 
 def prepare_output(output_dir: str | Path, input_spec: str, overwrite: bool = False) -> list[str]:
@@ -249,12 +256,10 @@ def prepare_output(output_dir: str | Path, input_spec: str, overwrite: bool = Fa
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {out} exists and is not a folder")
-    real_out = out.resolve()
-    for url in list_shard_urls(input_spec):
-        remote = url.startswith(("http://", "https://", "pipe:", "s3://", "gs://"))
-        if not remote and _inside(Path(url).resolve(), real_out):
-            raise ValueError(f"output folder {out} holds input shard {url}: the input is never changed; write to "
-                             "another folder")
+    url = local_input_inside(out, list_shard_urls(input_spec))
+    if url is not None:
+        raise ValueError(f"output folder {out} holds input shard {url}: the input is never changed; write to "
+                         "another folder")
     if not out.exists():
         out.mkdir(parents=True)
         return []
