@@ -14,7 +14,7 @@ data curated (issue 10, "A measured gain").
 5. score    zero-shot top-1 of both runs; each step's drops against truth.jsonl (precision, recall).
 
 Scoring. report.json keeps 5 examples per drop reason, so the benchmark records every drop as the steps report
-it (DropLog). A dedup drop is correct when the dropped sample and the kept sample it repeats (named in the drop's
+it (Report.on_drop). A dedup drop is correct when the dropped sample and the kept sample it repeats (named in the drop's
 detail) are in the same injected group {original, its copies}; recall is correct drops / injected copies (a group
 of m loses m - 1 to a perfect dedup). A filters drop is correct when the sample is tiny or extreme_aspect, a
 clip_score drop when its caption was swapped; their recall is over the targets that reached the step.
@@ -41,7 +41,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_tools.curate.cli import Step, print_summary  # noqa: E402
+from data_tools.curate.cli import print_summary  # noqa: E402
 from data_tools.curate.pipeline import load_pipeline, run_pipeline  # noqa: E402
 from data_tools.curate.report import CORRUPT, write_json_atomic  # noqa: E402
 from data_tools.synthetic_clip import class_names  # noqa: E402
@@ -147,34 +147,6 @@ def count_kinds(keys, truth: dict[str, dict]) -> dict[str, int]:
 
 # ---------------------------------------------------------------- curating, with every drop recorded
 
-class DropLog:
-    """Every drop each step reports, in full ({"step", "key", "reason", "detail"}): report.json keeps 5 examples
-    per reason, and scoring needs all of them (for dedup, the kept sample each drop repeats, named in its detail)."""
-
-    def __init__(self):
-        self.rows: list[dict] = []
-
-    def wrap(self, step: Step) -> Step:
-        def apply(samples, cfg, report):
-            self.tap(report, step.name)
-            return step.apply(samples, cfg, report)
-        return dataclasses.replace(step, apply=apply)
-
-    def tap(self, report, name: str) -> None:
-        """Record `report`'s drops as they happen (instance attributes shadow its methods; it counts as before)."""
-        drop, corrupt = report.drop, report.corrupt
-
-        def recorded_drop(sample: dict, reason: str, detail: str = "") -> None:
-            self.rows.append({"step": name, "key": sample.get("__key__"), "reason": reason, "detail": detail})
-            drop(sample, reason, detail)
-
-        def recorded_corrupt(key_or_url: str, error) -> None:
-            self.rows.append({"step": name, "key": key_or_url, "reason": CORRUPT, "detail": str(error)})
-            corrupt(key_or_url, error)
-
-        report.drop, report.corrupt = recorded_drop, recorded_corrupt
-
-
 def resolve_pipeline(config: Path, train: Path, output: Path, checkpoint: Path | None, dest: Path) -> Path:
     """The pipeline YAML with this run's input, output and checkpoint (model steps disabled without one),
     written to `dest` so it can be run again as it is."""
@@ -197,12 +169,10 @@ def resolve_pipeline(config: Path, train: Path, output: Path, checkpoint: Path |
 
 def curate(pipeline_yaml: Path) -> tuple[dict, list[dict]]:
     """Run the pipeline, every step's drops recorded; (report, drops)."""
-    pipeline = load_pipeline(pipeline_yaml)
-    log = DropLog()
-    pipeline = dataclasses.replace(pipeline, steps=[log.wrap(s) for s in pipeline.steps])
-    report = run_pipeline(pipeline, source=str(pipeline_yaml))
+    drops: list[dict] = []  # all of them: report.json keeps 5 examples a reason, and dedup's are scored by detail
+    report = run_pipeline(load_pipeline(pipeline_yaml), source=str(pipeline_yaml), on_drop=drops.append)
     print_summary(report)
-    return report, log.rows
+    return report, drops
 
 
 def shard_keys(folder: Path) -> list[str]:

@@ -40,6 +40,24 @@ def test_report_counts_add_up_and_keep_a_few_examples_per_reason(tmp_path):
     assert "min_side 7" in format_funnel([r])
 
 
+def test_report_on_drop_gets_every_drop_and_the_report_counts_as_before():
+    rows = []
+    report = Report("odd", on_drop=rows.append)
+    for i in range(12):
+        report.seen()
+        if i % 3 == 0:
+            report.drop({"__key__": str(i), "__url__": "a.tar"}, "thirds", f"key {i}")
+        else:
+            report.keep()
+    report.seen()
+    report.corrupt("bad.tar", ValueError("truncated"))
+    assert [r["key"] for r in rows] == ["0", "3", "6", "9", "bad.tar"]  # all of them, not MAX_EXAMPLES
+    assert rows[1] == {"step": "odd", "key": "3", "url": "a.tar", "reason": "thirds", "detail": "key 3"}
+    assert rows[4]["reason"] == "corrupt" and rows[4]["detail"] == "ValueError: truncated"
+    report.check()
+    assert report.drops == {"thirds": 4, "corrupt": 1} and report.n_out == 8
+
+
 def test_report_check_catches_a_sample_neither_kept_nor_dropped():
     r = Report("x")
     r.seen(2)

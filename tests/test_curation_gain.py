@@ -1,5 +1,5 @@
-"""benchmarks/curation_gain.py: the scoring against truth.jsonl on crafted drops (numbers that must hold), the drop
-recorder, and the whole benchmark at a tiny size (300 samples, 3 steps of the tiny recipe preset)."""
+"""benchmarks/curation_gain.py: the scoring against truth.jsonl on crafted drops (numbers that must hold), the drops
+recorded, and the whole benchmark at a tiny size (300 samples, 3 steps of the tiny recipe preset)."""
 from __future__ import annotations
 
 import json
@@ -8,10 +8,8 @@ import math
 import pytest
 import yaml
 
-from benchmarks.curation_gain import (DropLog, check_counts, kept_ref, main, resolve_pipeline, score_dedup,
+from benchmarks.curation_gain import (check_counts, kept_ref, main, resolve_pipeline, score_dedup,
                                       score_rule, score_steps)
-from data_tools.curate.cli import Step
-from data_tools.curate.report import Report
 
 
 def line(key, kind, original=None):
@@ -68,28 +66,6 @@ def test_steps_are_scored_on_what_reached_them():
     assert s["filters"]["recall_of_all_injected"] == 0.5
     assert (s["clip_score"]["precision"], s["clip_score"]["recall"]) == (0.5, 1.0)
     assert s["reshard"] == {"dropped": 1}
-
-
-def test_drop_log_records_every_drop_and_the_report_counts_as_before():
-    def apply(samples, cfg, report):
-        for sample in samples:
-            report.seen()
-            if int(sample["__key__"]) % 3 == 0:
-                report.drop(sample, "thirds", f"key {sample['__key__']}")
-            else:
-                report.keep(sample)
-                yield sample
-        report.seen()
-        report.corrupt("bad.tar", ValueError("truncated"))
-
-    log, report = DropLog(), Report("odd")
-    step = log.wrap(Step("odd", apply, None))
-    kept = [s["__key__"] for s in step.apply(({"__key__": str(i)} for i in range(12)), None, report)]
-    assert kept == [str(i) for i in range(12) if i % 3]
-    assert [r["key"] for r in log.rows] == ["0", "3", "6", "9", "bad.tar"]  # all of them, not 5 examples
-    assert log.rows[1] == {"step": "odd", "key": "3", "reason": "thirds", "detail": "key 3"}
-    report.check()
-    assert report.drops == {"thirds": 4, "corrupt": 1} and report.n_out == 8
 
 
 def test_check_counts_refuses_numbers_that_do_not_add_up():

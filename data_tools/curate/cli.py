@@ -57,9 +57,11 @@ def with_tmp_dir(cfg, tmp_dir: Path):
     return cfg
 
 
-def run_chain(input_spec: str, out: OutputConfig, steps: list[Step], tool: str, extra: dict | None = None) -> dict:
+def run_chain(input_spec: str, out: OutputConfig, steps: list[Step], tool: str, extra: dict | None = None,
+              on_drop: Callable[[dict], None] | None = None) -> dict:
     """Stream `input_spec` through `steps` into shards in `out.output`, in one pass; write report.json; return it.
-    Only the last step may have `write_output`. Raises ValueError (changing nothing) for a bad output folder."""
+    Only the last step may have `write_output`. `on_drop` gets every drop of every step (Report.on_drop).
+    Raises ValueError (changing nothing) for a bad output folder."""
     if not out.output:
         raise ConfigError("--output=DIR is required: the folder for the new shards and report.json")
     if any(s.write_output for s in steps[:-1]):
@@ -73,16 +75,16 @@ def run_chain(input_spec: str, out: OutputConfig, steps: list[Step], tool: str, 
     stale = prepare_output(output, input_spec, out.overwrite)
     tmp_dir = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=output))
     try:
-        reports = [Report("read")]
+        reports = [Report("read", on_drop)]
         samples = iter_samples(input_spec, reports[0])
         steps = [dataclasses.replace(s, config=with_tmp_dir(s.config, tmp_dir)) for s in steps]
         last = steps[-1] if steps and steps[-1].write_output else None
         for step in steps[:-1] if last else steps:
-            reports.append(Report(step.name))
+            reports.append(Report(step.name, on_drop))
             samples = step.apply(samples, step.config, reports[-1])
         with ShardWriter(output, max_count=out.shard_max_count, max_bytes=out.shard_max_mb * 1e6) as writer:
             if last:
-                reports.append(Report(last.name))
+                reports.append(Report(last.name, on_drop))
                 last.write_output(samples, last.config, reports[-1], writer)
             else:
                 for sample in samples:

@@ -28,6 +28,7 @@ import difflib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -131,8 +132,10 @@ def name_reports(steps: list[Step]) -> list[Step]:
     return out
 
 
-def run_pipeline(pipeline: Pipeline, source: str = "") -> dict:
-    """Run the steps in one streaming pass; returns the report (also in <output>/report.json)."""
+def run_pipeline(pipeline: Pipeline, source: str = "", on_drop: Callable[[dict], None] | None = None) -> dict:
+    """Run the steps in one streaming pass; returns the report (also in <output>/report.json). `on_drop` gets
+    every drop in full (Report.on_drop)."""
     config = {"pipeline": source, "skipped": pipeline.skipped,
               "steps": [{"name": s.name, **dataclasses.asdict(s.config)} for s in pipeline.steps]}
-    return run_chain(pipeline.input, pipeline.output, pipeline.steps, tool="pipeline", extra={"config": config})
+    return run_chain(pipeline.input, pipeline.output, pipeline.steps, tool="pipeline", extra={"config": config},
+                     on_drop=on_drop)

@@ -18,6 +18,7 @@ import os
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 MAX_EXAMPLES = 5  # examples kept per reason code
 CORRUPT = "corrupt"  # the reason code of a sample (or shard) that cannot be read or decoded
@@ -26,8 +27,11 @@ CORRUPT = "corrupt"  # the reason code of a sample (or shard) that cannot be rea
 class Report:
     """Counts of one step. `seen` every sample that comes in, then exactly one of `keep`, `drop`, `corrupt`."""
 
-    def __init__(self, step: str):
+    def __init__(self, step: str, on_drop: Callable[[dict], None] | None = None):
         self.step = step
+        # called with every drop in full, {"step", "key", "url", "reason", "detail"}, for a caller that needs all of
+        # them (report.json keeps MAX_EXAMPLES a reason): benchmarks/curation_gain.py scores each drop
+        self.on_drop = on_drop
         self._n_in = 0
         self._n_out = 0
         self._drops: Counter[str] = Counter()
@@ -52,6 +56,8 @@ class Report:
         if not reason or not isinstance(reason, str):
             raise ValueError(f"a drop needs a reason code (a non-empty string), got {reason!r}")
         self._drops[reason] += 1
+        if self.on_drop is not None:
+            self.on_drop({"step": self.step, "key": key, "url": url, "reason": reason, "detail": detail})
         examples = self._examples.setdefault(reason, [])
         if len(examples) < MAX_EXAMPLES:
             examples.append({"key": key, "url": url, "detail": detail[:500]})
