@@ -51,7 +51,7 @@ from mm.metrics import setup_logging
 from mm.media import AUDIO_KEYS, DEFAULT_MAX_SECONDS, IMAGE_KEYS, SAMPLE_RATE, AudioTooLong, load_audio, open_image
 from mm.shards import ShardSpecError, expand_shard_spec, read_samples
 
-from data_tools.curate.io import local_input_inside
+from data_tools.curate.io import local_input_inside, sample_json
 
 log = logging.getLogger("data_tools.inspect")
 
@@ -163,17 +163,11 @@ def look_at(raw: dict, position: int) -> Seen:
 
 def read_meta(raw: dict, seen: Seen) -> dict:
     """The json field as a dict ({} when absent; a bad_json problem when it is not a JSON object)."""
-    if "json" not in raw:
-        return {}
     try:
-        meta = json.loads(raw["json"])
+        return sample_json(raw) or {}
     except ValueError as e:
-        seen.problems.append(("bad_json", f"not valid JSON ({e})"))
+        seen.problems.append(("bad_json", str(e)))
         return {}
-    if not isinstance(meta, dict):
-        seen.problems.append(("bad_json", f"a {type(meta).__name__}, not an object"))
-        return {}
-    return meta
 
 
 def read_text(raw: dict, meta: dict, seen: Seen) -> None:
