@@ -48,12 +48,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
 from data_tools.synthetic_clip import (check_prompts_unseen, class_names, encode_png, make_sample,
                                      write_heldout_splits)
+from data_tools.curate.io import ShardWriter
 from data_tools.write_shards import remove_stale_shards
 
 KINDS = ("clean", "swapped", "near_dup", "tiny", "extreme_aspect")
@@ -208,25 +208,21 @@ def build_sample(i: int, plan: NoisePlan, seed: int, image_size: int, per_shard:
 def write_noisy_train(out: Path, plan: NoisePlan, seed: int, image_size: int, per_shard: int,
                       jpeg_subsampling: int = 0) -> list[str]:
     """The training shards under `out` and truth.jsonl beside them (`out`'s parent); returns the shard names.
-    Each shard is written under a temporary name and renamed once complete."""
+    The shards are written under temporary names and renamed once all are complete."""
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_shards(str(out))
-    shards, captions = [], set()
-
-    def publish(tmp: str) -> None:
-        final = os.path.join(os.path.dirname(tmp), os.path.basename(tmp)[1:-len(".tmp")])
-        os.replace(tmp, final)
-        shards.append(os.path.basename(final))
-
+    captions = set()
     truth_path = out.parent / "truth.jsonl"
     truth_tmp = truth_path.with_name(".truth.jsonl.tmp")
-    with wds.ShardWriter(str(out / f".{SHARD_PATTERN}.tmp"), maxcount=per_shard, post=publish, verbose=0,
-                         mtime=0.0) as sink, open(truth_tmp, "w") as truth_file:  # mtime 0: identical re-runs
+    # the curation tools' writer: temp names renamed once all are written, every member's mtime fixed (identical
+    # re-runs), names shard-NNNNNN.tar as the truth lines give them
+    with ShardWriter(out, max_count=per_shard) as sink, open(truth_tmp, "w") as truth_file:
         for i in tqdm(range(len(plan.kinds)), desc="noisy train shards", unit="img", mininterval=2):
             fields, truth = build_sample(i, plan, seed, image_size, per_shard, jpeg_subsampling)
-            sink.write({"__key__": truth["key"], **fields})
+            sink.write({"__key__": truth["key"], **fields, "txt": fields["txt"].encode("utf-8")})
             truth_file.write(json.dumps(truth) + "\n")
             captions.add(fields["txt"])
+    shards = [p.name for p in sink.paths]
     check_prompts_unseen(captions)
     os.replace(truth_tmp, truth_path)
     return shards
