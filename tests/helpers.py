@@ -57,6 +57,45 @@ def load_recipe(name: str):
     return mod
 
 
+def run_recipe_in_process(name: str, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    """recipes/<name>/train.py run as its `__main__` does, `main(args)`, but in this process: what
+    `python recipes/<name>/train.py ARGS` would give (its stdout, its stderr with the log lines, and its exit
+    status: SystemExit's, or 1 with the traceback on stderr for any other exception), without the imports a fresh
+    process pays (most of a tiny run's time). For what a run does or refuses; a test of the process itself (a
+    SIGKILL, a launcher) starts a real one. Call it with torch on one thread (the one_torch_thread fixture), as
+    SUBPROCESS_ENV runs a recipe, so a run here computes the same numbers as one in a subprocess."""
+    import contextlib
+    import logging
+    import traceback
+
+    recipe = load_recipe(name)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # main's setup_logging replaces them: put back after
+    out, err, code, cwd = io.StringIO(), io.StringIO(), 0, os.getcwd()
+    try:
+        os.chdir(ROOT)  # where run_recipe runs it (contextlib.chdir is 3.11+)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                recipe.main(list(args))
+            except SystemExit as e:  # as the interpreter ends on it
+                if isinstance(e.code, int) or e.code is None:
+                    code = e.code or 0
+                else:
+                    print(e.code, file=sys.stderr)
+                    code = 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(cwd)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    proc = subprocess.CompletedProcess([f"recipes/{name}/train.py", *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"recipe failed ({code}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

@@ -1,5 +1,7 @@
-"""recipes/asr/train.py end to end on the tiny espeak corpus, as a user runs it (a fresh process each time), and
-its config: every preset loads, bad settings fail at start."""
+"""recipes/asr/train.py end to end on the tiny espeak corpus, as a user runs it, and its config: every preset loads,
+bad settings fail at start. The end-to-end run and the run a test kills are fresh processes; the others run the
+script's main(argv) in this process (tests.helpers.run_recipe_in_process: the same output and exit status, without
+a fresh process's imports)."""
 import io
 import json
 import re
@@ -15,7 +17,7 @@ from mm.config import ConfigError, parse_config
 from mm.shards import read_samples
 from tests.helpers import one_torch_thread  # noqa: F401 - a fixture
 from tests.helpers import (ROOT, asr_recipe_command, kill_after_first_checkpoint, load_recipe, run_asr_recipe,
-                           tiny_asr_corpus, write_tar)
+                           run_recipe_in_process, tiny_asr_corpus, write_tar)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PRESETS = ROOT / "recipes" / "asr" / "configs"
@@ -27,6 +29,10 @@ def tiny_args(data, out, *extra):
     # to max_seconds; with the default 30, every utterance (1-6 s) would land in the first of the 3 buckets
     return ["--config=tiny", f"--train_data={data}/train", f"--eval_data={data}/heldout", f"--out_dir={out}",
             f"--max_steps={STEPS}", "--max_seconds=8", *extra]
+
+
+def run_here(args, check=True):
+    return run_recipe_in_process("asr", args, check=check)
 
 
 def step_file(out, step):
@@ -156,14 +162,15 @@ def two_shards(corpus, tmp_path_factory):
 def test_killed_run_resumes_to_the_same_weights(request, num_workers, tmp_path):
     """SIGKILL a run after its first checkpoint, at which the duration buckets hold samples not yet trained on;
     --resume=latest replays them: the final weights, loader positions and every step's loss and batch size
-    equal an uninterrupted run's."""
+    equal an uninterrupted run's. The killed run is a real process; the resume runs here, as does the
+    uninterrupted run with workers (without, it is the end-to-end test's)."""
     if num_workers == 0:
         data, (full, _) = request.getfixturevalue("corpus"), request.getfixturevalue("trained")
     else:
         data, full = request.getfixturevalue("two_shards"), tmp_path / "full"
     args = [f"--num_workers={num_workers}", "--eval_data=none"]  # no eval: it comes after the last checkpoint
     if num_workers:
-        run_asr_recipe(tiny_args(data, full, *args))
+        run_here(tiny_args(data, full, *args))
 
     killed = tmp_path / "killed"
     done = kill_after_first_checkpoint(asr_recipe_command(tiny_args(data, killed, *args)), killed / "checkpoints")
@@ -173,9 +180,9 @@ def test_killed_run_resumes_to_the_same_weights(request, num_workers, tmp_path):
     assert held, "no sample was held in a bucket at the checkpoint: the resume would replay none"
 
     if num_workers == 0:  # an out_dir with checkpoints is not trained over by accident
-        refused = run_asr_recipe(tiny_args(data, killed, *args), check=False)
+        refused = run_here(tiny_args(data, killed, *args), check=False)
         assert refused.returncode != 0 and "--resume=latest" in refused.stderr and "Traceback" not in refused.stderr
-    resumed = run_asr_recipe(tiny_args(data, killed, *args, "--resume=latest"))
+    resumed = run_here(tiny_args(data, killed, *args, "--resume=latest"))
     assert f"resumed from {step_file(killed, done[-1])} at step {done[-1]}" in resumed.stderr
     a, b = load_checkpoint(step_file(full, STEPS)), load_checkpoint(step_file(killed, STEPS))
     assert a["data"] == b["data"] and a["data"][0]["num_workers"] == max(1, num_workers)
@@ -209,8 +216,8 @@ def test_corrupt_and_too_long_samples_are_counted_and_skipped(corpus, tmp_path):
     (tmp_path / "data").mkdir()
     write_tar(tmp_path / "data" / "shard-000000.tar", [bad, long, *good])
     out = tmp_path / "run"
-    proc = run_asr_recipe(["--config=tiny", f"--train_data={tmp_path / 'data'}", "--eval_data=none", f"--out_dir={out}",
-                           "--max_steps=3", "--shuffle_buffer=0"])
+    proc = run_here(["--config=tiny", f"--train_data={tmp_path / 'data'}", "--eval_data=none", f"--out_dir={out}",
+                     "--max_steps=3", "--shuffle_buffer=0"])
     results = json.loads((out / "results.json").read_text())
     assert (results["step"], results["bad_samples"], results["too_long"]) == (3, 1, 1)
     assert "cer" not in results and "language" not in proc.stdout  # no eval data: no table
@@ -271,7 +278,7 @@ def test_bad_preset_file_is_refused_with_a_message(tmp_path):
 
 
 def test_recipe_fails_at_start_on_a_bad_config(tmp_path):
-    proc = run_asr_recipe(["--config=tiny", f"--out_dir={tmp_path / 'run'}", "--model=nope"], check=False)
+    proc = run_here(["--config=tiny", f"--out_dir={tmp_path / 'run'}", "--model=nope"], check=False)
     assert proc.returncode != 0
     assert "config error: --model='nope' is not a named size" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
@@ -286,8 +293,8 @@ def test_a_corpus_none_of_whose_samples_decode_stops_at_once(corpus, tmp_path):
         s["json"] = json.dumps({**json.loads(s["json"]), "language": "zz"})
     (tmp_path / "data").mkdir()
     write_tar(tmp_path / "data" / "shard-000000.tar", samples)
-    proc = run_asr_recipe(["--config=tiny", f"--train_data={tmp_path / 'data'}", "--eval_data=none",
-                           f"--out_dir={tmp_path / 'run'}"], check=False)
+    proc = run_here(["--config=tiny", f"--train_data={tmp_path / 'data'}", "--eval_data=none",
+                     f"--out_dir={tmp_path / 'run'}"], check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "none of the first 20 samples" in proc.stderr and "language 'zz' has no token" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()

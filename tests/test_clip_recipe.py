@@ -1,4 +1,6 @@
-"""recipes/clip/train.py end to end on tiny data, as a user runs it (a fresh process each time)."""
+"""recipes/clip/train.py end to end on tiny data, as a user runs it: a fresh process for the end-to-end run, the
+run a test kills and the torchrun launch; the script's main(argv) in this process for the others
+(tests.helpers.run_recipe_in_process: the same output and exit status, without a fresh process's imports)."""
 import json
 import os
 import signal
@@ -10,12 +12,19 @@ import pytest
 import torch
 
 from mm.checkpoint import list_checkpoints, load_checkpoint, read_safetensors
-from tests.helpers import ROOT, SUBPROCESS_ENV, free_port, png_bytes, run_recipe, write_tar
+from tests.helpers import one_torch_thread  # noqa: F401 - a fixture
+from tests.helpers import ROOT, SUBPROCESS_ENV, free_port, png_bytes, run_recipe, run_recipe_in_process, write_tar
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # runs in this process compute as a subprocess's do
 
 
 def tiny_args(data, out, *extra):
     return ["--config=tiny", f"--train_data={data}/train", f"--val_data={data}/val",
             f"--zeroshot_data={data}/zeroshot", f"--out_dir={out}", *extra]
+
+
+def run_here(args, check=True):
+    return run_recipe_in_process("clip", args, check=check)
 
 
 def test_end_to_end_writes_everything_and_exports_for_open_clip(synth_data, tmp_path):
@@ -47,10 +56,10 @@ def test_end_to_end_writes_everything_and_exports_for_open_clip(synth_data, tmp_
 def test_killed_run_resumes_to_the_same_weights(synth_data, tmp_path):
     """SIGKILL a run after its first checkpoint, resume with --resume=latest: the final weights equal an
     uninterrupted run's, the samples trained on are the same ones in the same order, and metrics.jsonl
-    has one row per step."""
+    has one row per step. The killed run is a real process; the others run here."""
     common = ["--max_steps=10", "--ckpt_every=3", "--keep_checkpoints=0", "--num_workers=2", "--batch_size=8",
               "--log_every=1", "--log_samples=true"]
-    run_recipe(tiny_args(synth_data, tmp_path / "full", *common))
+    run_here(tiny_args(synth_data, tmp_path / "full", *common))
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(ROOT / "recipes/clip/train.py"), *tiny_args(synth_data, killed, *common)],
@@ -62,9 +71,9 @@ def test_killed_run_resumes_to_the_same_weights(synth_data, tmp_path):
     done = [s for s, _ in list_checkpoints(killed / "checkpoints")]
     assert done and done[-1] < 10, f"the run was not killed mid-way (checkpoints {done})"
 
-    refused = run_recipe(tiny_args(synth_data, killed, *common), check=False)
+    refused = run_here(tiny_args(synth_data, killed, *common), check=False)
     assert refused.returncode != 0 and "--resume=latest" in refused.stderr
-    run_recipe(tiny_args(synth_data, killed, *common, "--resume=latest"))
+    run_here(tiny_args(synth_data, killed, *common, "--resume=latest"))
     a = load_checkpoint(tmp_path / "full/checkpoints/step_00000010.pt")
     b = load_checkpoint(killed / "checkpoints/step_00000010.pt")
     assert a["data"] == b["data"]
@@ -77,26 +86,27 @@ def test_killed_run_resumes_to_the_same_weights(synth_data, tmp_path):
 
 
 def test_resume_refusals_name_the_problem_and_run_nothing(synth_data, tmp_path):
-    """A changed data setup, a crafted checkpoint that would run code, a truncated newest checkpoint."""
+    """A changed data setup, a crafted checkpoint that would run code, a truncated newest checkpoint (every
+    run in this process: what is checked is what the recipe refuses and says)."""
     run = tmp_path / "run"
-    run_recipe(tiny_args(synth_data, run, "--max_steps=4", "--ckpt_every=2", "--keep_checkpoints=0"))
-    changed = run_recipe(tiny_args(synth_data, run, "--max_steps=6", "--num_workers=2", "--resume=latest"), check=False)
+    run_here(tiny_args(synth_data, run, "--max_steps=4", "--ckpt_every=2", "--keep_checkpoints=0"))
+    changed = run_here(tiny_args(synth_data, run, "--max_steps=6", "--num_workers=2", "--resume=latest"), check=False)
     assert changed.returncode != 0 and "num_workers 0 -> 2" in changed.stderr and "--resume_ignore_data" in changed.stderr
-    accepted = run_recipe(tiny_args(synth_data, run, "--max_steps=6", "--num_workers=2", "--resume=latest",
-                                    "--resume_ignore_data=true"))
+    accepted = run_here(tiny_args(synth_data, run, "--max_steps=6", "--num_workers=2", "--resume=latest",
+                                  "--resume_ignore_data=true"))
     assert "new data" in accepted.stderr and (run / "checkpoints" / "step_00000006.pt").exists()
 
     newest = run / "checkpoints" / "step_00000006.pt"
     newest.write_bytes(newest.read_bytes()[:2000])  # truncated: resume falls back to step 4, saying so
-    fallback = run_recipe(tiny_args(synth_data, run, "--max_steps=6", "--resume=latest"))  # step 4's setup
+    fallback = run_here(tiny_args(synth_data, run, "--max_steps=6", "--resume=latest"))  # step 4's setup
     assert "skipping checkpoint" in fallback.stderr and "resumed from" in fallback.stderr
     assert "step_00000004.pt at step 4" in fallback.stderr
 
     from tests.test_checkpoint import Payload
     marker = tmp_path / "pwned"
     torch.save({"model": {}, "step": 9, "rng": Payload(marker)}, run / "checkpoints" / "step_00000009.pt")
-    evil = run_recipe(tiny_args(synth_data, run, "--max_steps=12", "--resume=" + str(run / "checkpoints" / "step_00000009.pt")),
-                      check=False)
+    evil = run_here(tiny_args(synth_data, run, "--max_steps=12", "--resume=" + str(run / "checkpoints" / "step_00000009.pt")),
+                    check=False)
     assert evil.returncode != 0 and "could run code" in evil.stderr and "Traceback" not in evil.stderr
     assert not marker.exists()
 
@@ -107,8 +117,8 @@ def test_starts_from_a_local_open_clip_checkpoint(synth_data, tmp_path):
     with torch.no_grad():
         src.logit_scale.fill_(1.2345)
     torch.save({"state_dict": src.state_dict()}, tmp_path / "start.pt")  # open_clip_train's checkpoint layout
-    run_recipe(tiny_args(synth_data, tmp_path / "run", f"--pretrained={tmp_path / 'start.pt'}", "--max_steps=1",
-                         "--lr=0", "--lock_image=true"))
+    run_here(tiny_args(synth_data, tmp_path / "run", f"--pretrained={tmp_path / 'start.pt'}", "--max_steps=1",
+                       "--lr=0", "--lock_image=true"))
     got = load_checkpoint(tmp_path / "run/checkpoints/step_00000001.pt")["model"]
     assert got["logit_scale"].item() == pytest.approx(1.2345)
     torch.testing.assert_close(got["visual.conv1.weight"], src.state_dict()["visual.conv1.weight"])
@@ -121,8 +131,8 @@ def test_siglip_loss_and_corrupt_training_sample(synth_data, tmp_path):
         (data / f.name).write_bytes(f.read_bytes())
     write_tar(data / "zz-bad.tar", [{"__key__": f"b{i}", "png": b"not an image" if i == 0 else png_bytes(size=32),
                                      "txt": "a red square"} for i in range(40)])
-    run_recipe(["--config=tiny", f"--train_data={data}", "--val_data=none", "--zeroshot_data=none", "--loss=siglip",
-                "--max_steps=25", "--batch_size=16", f"--out_dir={tmp_path / 'run'}"])
+    run_here(["--config=tiny", f"--train_data={data}", "--val_data=none", "--zeroshot_data=none", "--loss=siglip",
+              "--max_steps=25", "--batch_size=16", f"--out_dir={tmp_path / 'run'}"])
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["bad_samples"] == 1  # 25 x 16 = 400 > 360 samples: every shard, the bad one included
     ck = load_checkpoint(tmp_path / "run/checkpoints/step_00000025.pt")
@@ -136,16 +146,16 @@ def test_siglip_loss_and_corrupt_training_sample(synth_data, tmp_path):
     (["--train_data=/nonexistent/shard-{0..9}.tar"], "/nonexistent/shard-{0..9}.tar"),
 ])
 def test_bad_config_fails_at_start_with_a_message(tmp_path, args, message):
-    proc = run_recipe(["--config=tiny", f"--out_dir={tmp_path}", "--val_data=none", "--zeroshot_data=none", *args],
-                      check=False)
+    proc = run_here(["--config=tiny", f"--out_dir={tmp_path}", "--val_data=none", "--zeroshot_data=none", *args],
+                    check=False)
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(synth_data, tmp_path):
-    proc = run_recipe(tiny_args(synth_data, tmp_path / "run", "--max_steps=40", "--ckpt_every=1", "--lr=1e30",
-                                "--grad_clip=0", "--warmup_steps=1"), check=False)
+    proc = run_here(tiny_args(synth_data, tmp_path / "run", "--max_steps=40", "--ckpt_every=1", "--lr=1e30",
+                              "--grad_clip=0", "--warmup_steps=1"), check=False)
     assert proc.returncode != 0 and "NonFiniteLossError" in proc.stderr and "last good checkpoint" in proc.stderr
     saved = list_checkpoints(tmp_path / "run/checkpoints")
     assert saved, "no checkpoint survived"

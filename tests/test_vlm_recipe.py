@@ -1,6 +1,8 @@
-"""recipes/vlm/train.py end to end on tiny synthetic chat data, as a user runs it (a fresh process each time): the
-shared run's outputs, kill and resume, the validator at start, truncation, text-only and padded training, the
-dry run, the align stage and LoRA; and its config: every preset loads, bad settings fail at start."""
+"""recipes/vlm/train.py end to end on tiny synthetic chat data, as a user runs it: the shared run's outputs, kill
+and resume, the validator at start, truncation, text-only and padded training, the dry run, the align stage and
+LoRA; and its config: every preset loads, bad settings fail at start. The shared run and the run a test kills are
+fresh processes; the others run the script's main(argv) in this process (tests.helpers.run_recipe_in_process: the
+same output and exit status, without a fresh process's imports)."""
 import json
 import re
 
@@ -10,13 +12,17 @@ import torch
 from mm.checkpoint import list_checkpoints, load_checkpoint
 from mm.config import ConfigError, parse_config
 from tests.helpers import one_torch_thread  # noqa: F401 - a fixture
-from tests.helpers import ROOT, kill_after_first_checkpoint, load_recipe
+from tests.helpers import ROOT, kill_after_first_checkpoint, load_recipe, run_recipe_in_process
 from tests.vlm_fixtures import trained_vlm, vlm_data  # noqa: F401 - fixtures
-from tests.vlm_fixtures import TRAIN_EPOCHS, data_args, run_vlm_recipe, vlm_recipe_command
+from tests.vlm_fixtures import TRAIN_EPOCHS, data_args, vlm_recipe_command
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PRESETS = ROOT / "recipes" / "vlm" / "configs"
 STEPS = 10  # the tiny preset checkpoints every 3 steps and keeps the newest 2
+
+
+def run_here(args, check=True):
+    return run_recipe_in_process("vlm", args, check=check)
 
 
 def step_file(out, step):
@@ -111,17 +117,17 @@ def test_the_export_loads_answers_and_scores_as_reported(trained_vlm, vlm_data):
 @pytest.mark.parametrize("num_workers", [0])  # 2 workers: the loader resume is tested in test_shards and the ASR recipe
 def test_killed_run_resumes_to_the_same_weights(vlm_data, tmp_path, num_workers):
     """SIGKILL a run after its first checkpoint; --resume=latest ends with the weights, scheduler, loader
-    position and per-step losses of an uninterrupted run."""
+    position and per-step losses of an uninterrupted run. The killed run is a real process; the others run here."""
     args = ["--config=tiny", f"--max_steps={STEPS}", f"--num_workers={num_workers}", "--eval_data=none"]
     full, killed = tmp_path / "full", tmp_path / "killed"
-    run_vlm_recipe([*data_args(vlm_data, full), *args])
+    run_here([*data_args(vlm_data, full), *args])
     done = kill_after_first_checkpoint(vlm_recipe_command([*data_args(vlm_data, killed), *args]),
                                        killed / "checkpoints")
     assert done and done[-1] < STEPS, f"the run was not killed mid-way (checkpoints {done})"
     if num_workers == 0:  # an out_dir with checkpoints is not trained over by accident
-        refused = run_vlm_recipe([*data_args(vlm_data, killed), *args], check=False)
+        refused = run_here([*data_args(vlm_data, killed), *args], check=False)
         assert refused.returncode != 0 and "--resume=latest" in refused.stderr and "Traceback" not in refused.stderr
-    resumed = run_vlm_recipe([*data_args(vlm_data, killed), *args, "--resume=latest"])
+    resumed = run_here([*data_args(vlm_data, killed), *args, "--resume=latest"])
     assert f"resumed from {step_file(killed, done[-1])} at step {done[-1]}" in resumed.stderr
 
     a, b = load_checkpoint(step_file(full, STEPS)), load_checkpoint(step_file(killed, STEPS))
@@ -154,8 +160,8 @@ def bad_file(vlm_data, tmp_path):
 @pytest.mark.slow
 def test_bad_lines_stop_the_run_naming_them_and_the_way_on(bad_file, tmp_path):
     out = tmp_path / "run"
-    proc = run_vlm_recipe(["--config=tiny", f"--train_data={bad_file}", "--eval_data=none", f"--out_dir={out}",
-                           "--max_tokens=64"], check=False)
+    proc = run_here(["--config=tiny", f"--train_data={bad_file}", "--eval_data=none", f"--out_dir={out}",
+                     "--max_tokens=64"], check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "line 18: not_json" in proc.stdout and "line 19: no_assistant" in proc.stdout
     assert f"{bad_file}: 2 bad line(s), listed above" in proc.stderr and "--skip_bad_lines=true" in proc.stderr
@@ -168,8 +174,8 @@ def test_skipped_bad_lines_and_answerless_truncations_are_counted_not_trained(ba
     cuts off, is dropped as too_long, never trained with an empty loss. Read in file order (no shuffle buffer),
     so the counts are exact: the bad lines come last and the run stops early in the next epoch."""
     out = tmp_path / "run"
-    run_vlm_recipe(["--config=tiny", f"--train_data={bad_file}", "--eval_data=none", f"--out_dir={out}",
-                    "--max_tokens=64", "--skip_bad_lines=true", "--shuffle_buffer=0", "--max_steps=0"])
+    run_here(["--config=tiny", f"--train_data={bad_file}", "--eval_data=none", f"--out_dir={out}",
+              "--max_tokens=64", "--skip_bad_lines=true", "--shuffle_buffer=0", "--max_steps=0"])
     results = json.loads((out / "results.json").read_text())
     # 17 examples (line 17 counts: the validator cannot know truncation will leave it no answer), 4 a step
     assert (results["max_steps"], results["bad_samples"], results["too_long"]) == (5, 2, 1)
@@ -188,8 +194,8 @@ def test_text_only_chat_trains_the_lm(tmp_path):
     write_lines(tmp_path / "text.jsonl", lines)
     out = tmp_path / "run"
     text = tmp_path / "text.jsonl"
-    run_vlm_recipe(["--config=tiny", f"--train_data={text}", f"--eval_data={text}", f"--out_dir={out}",
-                    "--max_steps=6"])
+    run_here(["--config=tiny", f"--train_data={text}", f"--eval_data={text}", f"--out_dir={out}",
+              "--max_steps=6"])
     results = json.loads((out / "results.json").read_text())
     assert (results["step"], results["vqa_n"], results["bad_samples"]) == (6, 20, 0)
     assert train_rows(out)[-1]["loss"] < train_rows(out)[0]["loss"]
@@ -198,8 +204,8 @@ def test_text_only_chat_trains_the_lm(tmp_path):
 @pytest.mark.slow
 def test_padded_mode_trains(vlm_data, tmp_path):
     out = tmp_path / "run"
-    run_vlm_recipe([*data_args(vlm_data, out), "--config=tiny", "--packing=false", "--max_steps=4",
-                    "--eval_data=none"])
+    run_here([*data_args(vlm_data, out), "--config=tiny", "--packing=false", "--max_steps=4",
+              "--eval_data=none"])
     assert [r["step"] for r in train_rows(out)] == [1, 2, 3, 4]
     assert json.loads((out / "results.json").read_text())["step"] == 4 and step_file(out, 4).exists()
 
@@ -207,8 +213,8 @@ def test_padded_mode_trains(vlm_data, tmp_path):
 @pytest.mark.slow
 def test_dry_run_prints_tokens_epochs_and_time_and_trains_nothing(vlm_data, tmp_path):
     out = tmp_path / "run"
-    proc = run_vlm_recipe([*data_args(vlm_data, out), "--config=tiny", "--dry_run=true", "--n_epochs=auto",
-                           "--batch_size=auto", "--lr_multiplier=auto", "--max_steps=0"])
+    proc = run_here([*data_args(vlm_data, out), "--config=tiny", "--dry_run=true", "--n_epochs=auto",
+                     "--batch_size=auto", "--lr_multiplier=auto", "--max_steps=0"])
     match = re.search(r"dry run: 60 examples, ([\d,]+) tokens \([\d,]+ in the loss\) x 3 epochs = ([\d,]+) tokens; "
                       r"84 steps of 1 x 256-token packs; ~[\d.]+ s a step here, so ~[\d.]+ min on cpu", proc.stdout)
     assert match, proc.stdout
@@ -224,8 +230,8 @@ def test_align_stage_trains_only_the_projector(vlm_data, tmp_path):
     """Captions, projector only; an evaluation mid-run must not put the frozen tower back in training mode
     (its BatchNorm statistics would move)."""
     out = tmp_path / "run"
-    run_vlm_recipe(["--config=tiny", f"--train_data={vlm_data}/align.jsonl", f"--eval_data={vlm_data}/heldout.jsonl",
-                    f"--out_dir={out}", "--stage=align", "--max_steps=4", "--eval_every=2", "--eval_limit=2"])
+    run_here(["--config=tiny", f"--train_data={vlm_data}/align.jsonl", f"--eval_data={vlm_data}/heldout.jsonl",
+              f"--out_dir={out}", "--stage=align", "--max_steps=4", "--eval_every=2", "--eval_limit=2"])
     start = initial_model(out, tmp_path)
     assert {n.split(".")[0] for n, p in start.named_parameters() if p.requires_grad} == {"projector"}
     exported, initial = exported_state(out), start.state_dict()
@@ -241,8 +247,8 @@ def test_lora_trains_and_exports_a_merged_model_that_loads(vlm_data, tmp_path):
     from mm.vlm.inference import VisionChat
 
     out = tmp_path / "run"
-    run_vlm_recipe([*data_args(vlm_data, out), "--config=tiny", "--lora=true", "--lora_r=4", "--max_steps=3",
-                    "--eval_data=none", "--lr=1e-2"])
+    run_here([*data_args(vlm_data, out), "--config=tiny", "--lora=true", "--lora_r=4", "--max_steps=3",
+              "--eval_data=none", "--lr=1e-2"])
     start = initial_model(out, tmp_path)
     assert any("lora_" in n for n, p in start.named_parameters() if p.requires_grad)
     assert not any(p.requires_grad for n, p in start.lm.named_parameters() if "lora_" not in n)
@@ -294,7 +300,7 @@ def test_bad_config_is_refused_with_a_message(args, message):
 
 @pytest.mark.slow
 def test_recipe_fails_at_start_on_a_bad_config(tmp_path):
-    proc = run_vlm_recipe(["--config=tiny", f"--out_dir={tmp_path / 'run'}", "--max_tokens=4096"], check=False)
+    proc = run_here(["--config=tiny", f"--out_dir={tmp_path / 'run'}", "--max_tokens=4096"], check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "config error: --max_tokens=4096 is over --pack_tokens=512" in proc.stderr
     assert not (tmp_path / "run").exists()

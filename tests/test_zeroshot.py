@@ -1,8 +1,10 @@
 """mm.zeroshot: the Python API and the CLI, on a tiny CLIP trained by recipes/clip/train.py."""
 import json
+import logging
 import os
 import re
 import subprocess
+import warnings
 
 import pytest
 import torch
@@ -367,23 +369,49 @@ def run_module(*argv: str, cwd=ROOT) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def test_cli_refuses_a_checkpoint_that_would_run_code_in_one_line(hostile_run, tmp_path):
+def cli_exit_in_process(capsys, caplog, *argv: str) -> subprocess.CompletedProcess:
+    """`python -m mm.zeroshot ARGV` that ends in SystemExit, run as cli_main(ARGV) in this process (without a
+    fresh process's imports): its exit status, stdout and stderr as the interpreter would end on it, stderr
+    holding what was printed there, warned (Python prints warnings on stderr), logged at WARNING or above (with no
+    logging set up, Python prints those on stderr too) and SystemExit's message. Any other exception fails the
+    test, as a traceback would."""
+    capsys.readouterr()
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as warned, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        with pytest.raises(SystemExit) as e:
+            cli_main(list(argv))
+    out, err = capsys.readouterr()
+    ignored_by_default = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+    warned = [w for w in warned if not issubclass(w.category, ignored_by_default)]  # as Python's default filters
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    code, message = (e.value.code or 0, []) if isinstance(e.value.code, (int, type(None))) else (1, [str(e.value.code)])
+    stderr = "".join(f"{line}\n" for line in [*err.splitlines(), *map(str, warned), *logged, *message])
+    return subprocess.CompletedProcess(argv, code, out, stderr)
+
+
+def test_cli_refuses_a_checkpoint_that_would_run_code_in_one_line(hostile_run, tmp_path, capsys, caplog):
+    """The run folder as a user passes it, in a fresh process; its step file, the same load, in this process."""
     run, step, marker = hostile_run
     img = shape_png(tmp_path / "x.png")
-    for path in (run, step):
-        proc = run_module("-m", "mm.zeroshot", str(img), "--labels", "a", "--checkpoint", str(path))
+    argv = [str(img), "--labels", "a", "--checkpoint"]
+    fresh = run_module("-m", "mm.zeroshot", *argv, str(run))
+    for proc in (fresh, cli_exit_in_process(capsys, caplog, *argv, str(step))):
         assert proc.returncode != 0 and proc.stdout == ""
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert str(step) in proc.stderr and "refused" in proc.stderr
     assert not marker.exists()
 
 
-def test_cli_explains_a_checkpoint_without_model_cfg_in_one_line(tmp_path):
+def test_cli_explains_a_checkpoint_without_model_cfg_in_one_line(tmp_path, capsys, caplog):
+    """The case that reaches open_clip in a fresh process, the other in this process."""
     img = shape_png(tmp_path / "x.png")
-    for state, words in [({"model": {}}, "no model config"), ({"model": {}, "extra": {"model_cfg": {}}}, "cannot rebuild")]:
+    for state, words, fresh in [({"model": {}}, "no model config", False),
+                                ({"model": {}, "extra": {"model_cfg": {}}}, "cannot rebuild", True)]:
         run = tmp_path / words.replace(" ", "_")
         write_checkpoint(run, state)
-        proc = run_module("-m", "mm.zeroshot", str(img), "--labels", "a", "--checkpoint", str(run))
+        argv = [str(img), "--labels", "a", "--checkpoint", str(run)]
+        proc = run_module("-m", "mm.zeroshot", *argv) if fresh else cli_exit_in_process(capsys, caplog, *argv)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
         # (open_clip may log a WARNING line of its own first)
         error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
