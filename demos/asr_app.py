@@ -44,6 +44,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import numpy as np  # noqa: E402
 
 from mm.asr.formats import format_timestamp, format_transcript, language_code, language_name, one_line  # noqa: E402
+from mm.cli import add_serve_arguments, file_size, positive_float  # noqa: E402
 from mm.media import SAMPLE_RATE, load_audio  # noqa: E402
 
 DEFAULT_CHECKPOINT = "runs/asr"
@@ -339,28 +340,11 @@ def build_demo(transcriber, checkpoint: str = DEFAULT_CHECKPOINT, examples_dir: 
 
 # ---------------------------------------------------------------- command line
 
-def file_size(text: str) -> int:
-    """Bytes from "25mb", "800kb", "1gb" or a plain number (units of 1024, as gradio counts them)."""
-    match = re.fullmatch(r"\s*(\d+)\s*(b|kb|mb|gb)?\s*", text.lower())
-    if not match or int(match.group(1)) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a size such as 25mb, 800kb or 1gb")
-    return int(match.group(1)) * 1024 ** ("b", "kb", "mb", "gb").index(match.group(2) or "b")
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a run folder of recipes/asr/train.py, a Hugging Face Whisper folder or an "
                                         f"OpenAI .pt (default: {DEFAULT_CHECKPOINT}, or a page saying how to make it)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 exposes it (default: %(default)s)")
-    p.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
+    add_serve_arguments(p, port=7860)
     p.add_argument("--max-seconds", type=positive_float, default=600.0,
                    help="longest audio accepted, in seconds (default: %(default)s)")
     p.add_argument("--max-file-size", type=file_size, default="100mb",

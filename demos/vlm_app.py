@@ -26,6 +26,8 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere, without installi
 # A local demo has no business phoning home: no usage analytics, no version check.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from mm.cli import add_serve_arguments, file_size  # noqa: E402
+
 DEFAULT_MODEL = "runs/vlm"
 TRAIN_HINT = ("Train one with `python recipes/vlm/train.py` (it builds its synthetic scenes first; minutes on a CPU) "
               "and restart this demo, or start it with `--model PATH`: a run folder or its export.")
@@ -203,21 +205,11 @@ def build_app(chat, model: str = DEFAULT_MODEL):
 
 # ---------------------------------------------------------------- command line
 
-def file_size(text: str) -> int:
-    """Bytes from "25mb", "800kb", "1gb" or a plain number (units of 1024, as gradio counts them)."""
-    match = re.fullmatch(r"\s*(\d+)\s*(b|kb|mb|gb)?\s*", text.lower())
-    if not match or int(match.group(1)) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a size such as 25mb, 800kb or 1gb")
-    return int(match.group(1)) * 1024 ** ("b", "kb", "mb", "gb").index(match.group(2) or "b")
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help=f"a run folder of recipes/vlm/train.py or its export (default: {DEFAULT_MODEL}, "
                                    "or a page saying how to make it)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 exposes it (default: %(default)s)")
-    p.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
+    add_serve_arguments(p, port=7860)
     p.add_argument("--max-file-size", type=file_size, default="10mb",
                    help="largest upload accepted: 10mb, 800kb, ... (default: %(default)s)")
     args = p.parse_args(argv)

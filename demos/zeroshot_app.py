@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere, without installi
 # A local demo has no business phoning home: no usage analytics, no version check.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from mm.cli import add_serve_arguments  # noqa: E402
 from mm.zeroshot.args import add_model_args, load_classifier  # noqa: E402
 from mm.zeroshot.inputs import labels_from_text, open_image  # noqa: E402
 
@@ -85,8 +86,7 @@ def build_demo(classifier, max_labels: int = 64):
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 exposes it (default: %(default)s)")
-    p.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
+    add_serve_arguments(p, port=7860, device=False)  # add_model_args has --device
     p.add_argument("--max-labels", type=int, default=64, help="labels per request (default: %(default)s)")
     args = p.parse_args(argv)
     classifier = load_classifier(args)  # exits with "train one with python recipes/clip/train.py" if missing

@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
 from mm.asr.formats import format_transcript, language_code, language_name
+from mm.cli import add_serve_arguments
 from mm.http import LimitRequestBody, internal_error_handler
 from mm.media import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioTooLong, EmptyAudio, NotAudio, load_audio
 
@@ -187,10 +188,7 @@ def build_parser(prog: str = "python -m mm.asr.server") -> argparse.ArgumentPars
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="runs/asr", help="a run folder of recipes/asr/train.py, a Hugging Face "
                                                             "Whisper folder or an OpenAI .pt (default: %(default)s)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 exposes it to the network "
-                                                       "(default: %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    add_serve_arguments(p, port=8000)
     p.add_argument("--max-upload-bytes", type=int, default=25_000_000, help="file size (default: %(default)s, "
                                                                             "OpenAI's limit)")
     p.add_argument("--max-seconds", type=float, default=3600.0, help="audio duration (default: %(default)s)")

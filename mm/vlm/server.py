@@ -53,6 +53,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from mm.decoders import ChatFormatError
+from mm.cli import add_serve_arguments
 from mm.http import LimitRequestBody, internal_error_handler
 from mm.media import ImageTooLarge, NotAnImage, RefTooLarge, UnreadableRef
 
@@ -420,10 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="runs/vlm", help="a run folder of recipes/vlm/train.py or its export "
                                                        "(default: %(default)s)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 exposes it to the network "
-                                                       "(default: %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    add_serve_arguments(p, port=8000)
     p.add_argument("--max-concurrency", type=int, default=1, help="generations at once (default: %(default)s)")
     p.add_argument("--max-waiting", type=int, default=16, help="requests queued behind them; more get a 429 "
                                                                "(default: %(default)s)")

@@ -22,6 +22,7 @@ import json
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from pydantic import BaseModel
 
+from mm.cli import add_serve_arguments
 from mm.http import LimitRequestBody, internal_error
 from mm.zeroshot.args import add_model_args, load_classifier
 from mm.zeroshot.classifier import DEFAULT_TEMPLATES, ZeroShotClassifier, check_labels
@@ -114,9 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mm.zeroshot.server", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 exposes it to the network "
-                                                       "(default: %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    add_serve_arguments(p, port=8000, device=False)  # add_model_args has --device
     p.add_argument("--max-labels", type=int, default=64, help="labels per request (default: %(default)s)")
     p.add_argument("--max-upload-bytes", type=int, default=8_000_000, help="image file size (default: %(default)s)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="width x height (default: %(default)s)")

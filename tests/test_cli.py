@@ -1,0 +1,43 @@
+"""mm.cli: the serve arguments and argument types the servers and demos share."""
+import argparse
+
+import pytest
+
+from mm.cli import add_serve_arguments, file_size, positive_float
+
+
+def test_serve_arguments_default_to_this_machine_and_the_given_port():
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p, port=7860)
+    args = p.parse_args([])
+    assert (args.host, args.port, args.device) == ("127.0.0.1", 7860, None)
+    args = p.parse_args(["--host", "0.0.0.0", "--port", "9000", "--device", "cuda:1"])
+    assert (args.host, args.port, args.device) == ("0.0.0.0", 9000, "cuda:1")
+
+
+def test_serve_arguments_leave_device_to_a_tool_that_has_its_own():
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cpu")
+    add_serve_arguments(p, port=8000, device=False)  # no argparse conflict
+    assert p.parse_args([]).device == "cpu"
+
+
+@pytest.mark.parametrize("text, expected", [("25mb", 25 * 1024 ** 2), ("800KB", 800 * 1024), ("1gb", 1024 ** 3),
+                                            (" 512 ", 512), ("7b", 7)])
+def test_file_size_reads_units_of_1024(text, expected):
+    assert file_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "0mb", "-1kb", "1.5mb", "10tb", "mb", ""])
+def test_file_size_refuses_what_is_not_a_positive_size(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="give a size such as"):
+        file_size(text)
+
+
+def test_positive_float():
+    assert positive_float("0.5") == 0.5
+    for text in ("0", "-2"):
+        with pytest.raises(argparse.ArgumentTypeError, match="more than 0"):
+            positive_float(text)
+    with pytest.raises(ValueError):
+        positive_float("x")
