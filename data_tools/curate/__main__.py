@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or "--help" in argv or "-h" in argv or argv[0].startswith("--"):
         print(USAGE)
-        return 0 if argv and argv[0] in ("--help", "-h") else 2
+        return 0 if "--help" in argv or "-h" in argv else 2
     try:
         pipeline = load_pipeline(argv[0], split_argv(argv[1:]))
         report = run_pipeline(pipeline, source=argv[0])
