@@ -136,7 +136,7 @@ def test_sources_with_the_same_keys_reshard_into_readable_shards(tmp_path):
                                                            + read_output(tmp_path / "b"))
 
 
-def test_separate_equal_keys_moves_a_repeat_a_few_places_and_loses_nothing():
+def test_separate_equal_keys_moves_a_repeat_a_few_places_and_loses_nothing(caplog):
     def named(*ks):
         return [{"__key__": k, "i": str(i).encode()} for i, k in enumerate(ks)]
 
@@ -146,3 +146,8 @@ def test_separate_equal_keys_moves_a_repeat_a_few_places_and_loses_nothing():
         assert sorted(s["i"] for s in got) == sorted(s["i"] for s in named(*ks))
         assert all(p["__key__"] != q["__key__"] for p, q in zip(got, got[1:])), [s["__key__"] for s in got]
     assert [s["__key__"] for s in reshard.separate_equal_keys(named(*"abcd"))] == list("abcd")  # order kept
+    # one key flooding the stream: every sample still comes out once, while at most `delay` wait for a gap
+    flood = named(*["k"] * 200, "z")
+    with caplog.at_level("WARNING", logger=reshard.log.name):
+        assert sorted(s["i"] for s in reshard.separate_equal_keys(flood, delay=2)) == sorted(s["i"] for s in flood)
+    assert len(caplog.records) == 1 and "sample(s) follow one with the same key" in caplog.text  # one line, counted

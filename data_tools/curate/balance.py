@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
 from data_tools.curate.report import Report
-from data_tools.curate.step_stats import attach_stats
 
 OVER_CAP, NO_ENTRY = "over_cap", "no_entry"
 WORD = re.compile(r"\w+")
@@ -144,7 +143,7 @@ def apply(samples: Iterable[dict], cfg: BalanceConfig, report: Report) -> Iterat
             yield sample
         else:
             report.drop(sample, OVER_CAP, f"{', '.join(matched)}: all at cap {cfg.cap}")
-    attach_stats(report, entry_stats(admitted, cfg.cap, n_unmatched))
+    report.stats.update(entry_stats(admitted, cfg.cap, n_unmatched))
 
 
 def sample_key_text(sample: dict, by: str) -> str:
@@ -240,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if "--help" in argv else 2
         return main_mix(argv)
     from data_tools.curate.cli import run_tool
-    status = run_tool("balance", apply, BalanceConfig, argv)
+    status = run_tool("balance", apply, BalanceConfig, argv, check=check_config)
     if not argv or "--help" in argv or "-h" in argv:
         print(f"\nMixing sources instead:\n{MIX_USAGE}")
     return status

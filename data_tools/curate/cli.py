@@ -3,9 +3,9 @@ the input through the steps into new shards, save report.json, print the funnel.
 
     python -m data_tools.curate.dedup raw/shard-{000000..000099}.tar --output=deduped/ --near_bits=6
 
-A tool module defines `apply(samples, cfg, report)` (a generator stage) and a flat `<Tool>Config` dataclass
-whose field comments are its `--help`; its `main(argv)` is `run_tool(name, apply, Config, argv)`. The pipeline
-(data_tools.curate.pipeline) chains several steps through the same `run_chain`.
+A tool module defines `apply(samples, cfg, report)` (a generator stage), a flat `<Tool>Config` dataclass whose
+field comments are its `--help` and `check_config(cfg)`; its `main(argv)` is `run_tool(name, apply, Config, argv,
+check=check_config)`. The pipeline (data_tools.curate.pipeline) chains several steps through the same `run_chain`.
 
 A step config field named `tmp_dir` left empty is set to a hidden folder inside the output folder (removed at
 the end): steps that spill to disk then use the disk the output goes to, not a RAM-backed /tmp.
@@ -67,10 +67,6 @@ def run_chain(input_spec: str, out: OutputConfig, steps: list[Step], tool: str, 
     if any(s.write_output for s in steps[:-1]):
         writer = [s.name for s in steps if s.write_output][0]
         raise ConfigError(f"{writer} writes the shards itself: make it the last step")
-    for step in steps:  # settings that cannot work fail now, before the output folder is touched
-        check = getattr(sys.modules.get(getattr(step.apply, "__module__", "")), "check_config", None)
-        if check is not None:
-            check(step.config)
     output = Path(out.output)
     stale = prepare_output(output, input_spec, out.overwrite)
     tmp_dir = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=output))
@@ -132,14 +128,18 @@ def parse_tool_args(argv: list[str], config_cls) -> tuple[str, OutputConfig, obj
 
 
 def run_tool(name: str, apply: Apply, config_cls, argv: list[str] | None = None,
-             write_output: WriteOutput | None = None) -> int:
-    """A tool's command line; returns the exit status (0 done, 2 bad arguments or output folder)."""
+             write_output: WriteOutput | None = None, check: Callable[[object], None] | None = None) -> int:
+    """A tool's command line; returns the exit status (0 done, 2 bad arguments or output folder). `check(cfg)`
+    (the tool's check_config) runs before the output folder is touched, so settings that cannot work change
+    nothing."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or "--help" in argv or "-h" in argv:
         print(usage(name, config_cls))
         return 0 if argv else 2
     try:
         input_spec, out, cfg = parse_tool_args(argv, config_cls)
+        if check is not None:
+            check(cfg)
         report = run_chain(input_spec, out, [Step(name, apply, cfg, write_output)], tool=name,
                            extra={"config": {name: dataclasses.asdict(cfg)}})
     except (ValueError, OSError) as e:  # ConfigError, ShardSpecError and refused output folders are ValueErrors

@@ -31,7 +31,7 @@ import numpy as np
 from data_tools.curate.embed import Embedder, check_checkpoint, embed_samples, load_clip_embedder
 from data_tools.curate.report import Report
 from data_tools.curate.spill import Spill
-from data_tools.curate.step_stats import ScoreStats, attach_stats
+from data_tools.curate.step_stats import ScoreStats
 
 LOW_SCORE = "low_clip_score"
 DATACOMP_VIT_B32_THRESHOLD = 0.25  # DataComp (Gadre et al. 2023), OpenAI ViT-B/32 scores
@@ -77,7 +77,7 @@ def apply(samples: Iterable[dict], cfg: ClipScoreConfig, report: Report,
         yield from keep_above(scored, cfg.threshold, report, stats)
     else:
         yield from keep_top_percent(scored, cfg.top_percent, report, stats, cfg.tmp_dir or None)
-    attach_stats(report, {"score": stats.summary()})
+    report.stats.update({"score": stats.summary()})
 
 
 def keep_above(scored: Iterable[tuple[dict, float]], threshold: float, report: Report,
@@ -130,7 +130,7 @@ def find_cut(scores: np.ndarray, n_keep: int) -> tuple[float, int]:
 
 def main(argv: list[str] | None = None) -> int:
     from data_tools.curate.cli import run_tool
-    return run_tool("clip_score", apply, ClipScoreConfig, argv)
+    return run_tool("clip_score", apply, ClipScoreConfig, argv, check=check_config)
 
 
 if __name__ == "__main__":

@@ -294,7 +294,7 @@ def apply(samples: Iterable[dict], cfg: DedupConfig, report: Report) -> Iterator
 def main(argv: list[str] | None = None) -> None:
     from data_tools.curate.cli import run_tool
 
-    sys.exit(run_tool("dedup", apply, DedupConfig, argv))
+    sys.exit(run_tool("dedup", apply, DedupConfig, argv, check=check_config))
 
 
 if __name__ == "__main__":

@@ -270,7 +270,7 @@ def apply(samples: Iterable[dict], cfg: FiltersConfig, report: Report) -> Iterat
 def main(argv: list[str] | None = None) -> None:
     from data_tools.curate.cli import run_tool
 
-    sys.exit(run_tool("filters", apply, FiltersConfig, argv))
+    sys.exit(run_tool("filters", apply, FiltersConfig, argv, check=check_config))
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ import logging
 import random
 import sys
 import tempfile
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from collections import deque
 from typing import Iterable, Iterator
 
 import webdataset as wds
@@ -74,8 +74,9 @@ def separate_equal_keys(samples: Iterable[dict], delay: int = KEY_DELAY) -> Iter
     """The samples, each once, with no two neighbours sharing a `__key__`: a sample whose key equals its
     neighbour's goes into the nearest gap among the last `delay` samples held back, or waits for one."""
     window: deque[dict] = deque()  # the latest samples, not yet yielded
-    waiting: list[dict] = []  # samples no gap was found for yet
+    waiting: list[dict] = []  # samples no gap was found for yet (at most `delay`)
     before = None  # the key of the last sample yielded
+    forced = []  # keys of samples placed next to their twin: no gap was to be had
     for sample in samples:
         for s in [sample, *waiting]:
             placed = _place(window, before, s)
@@ -83,14 +84,20 @@ def separate_equal_keys(samples: Iterable[dict], delay: int = KEY_DELAY) -> Iter
                 waiting.append(s)
             elif s is not sample and placed:
                 waiting.remove(s)
+        if len(waiting) > delay:  # one key floods the stream: memory and rescans stay bounded by `delay`
+            forced.append(waiting[0]["__key__"])
+            window.append(waiting.pop(0))
         while len(window) > delay:
             out = window.popleft()
             before = out["__key__"]
             yield out
     for s in waiting:
         if not _place(window, before, s):  # no gap anywhere: one key fills the stream's tail
-            log.warning("sample %r follows one with the same key: readers will merge the two", s["__key__"])
+            forced.append(s["__key__"])
             window.append(s)
+    if forced:
+        log.warning("%d sample(s) follow one with the same key (e.g. %r): readers will merge each pair",
+                    len(forced), forced[0])
     yield from window
 
 
@@ -250,7 +257,7 @@ def write_output(samples: Iterable[dict], cfg: ReshardConfig, report: Report, wr
 def main(argv: list[str] | None = None) -> None:
     from data_tools.curate.cli import run_tool
 
-    sys.exit(run_tool("reshard", apply, ReshardConfig, argv, write_output=write_output))
+    sys.exit(run_tool("reshard", apply, ReshardConfig, argv, write_output=write_output, check=check_config))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import numpy as np
 from data_tools.curate.embed import Embedder, check_checkpoint, embed_samples, load_clip_embedder
 from data_tools.curate.report import Report
 from data_tools.curate.spill import Spill
-from data_tools.curate.step_stats import ScoreStats, attach_stats
+from data_tools.curate.step_stats import ScoreStats
 
 DUPLICATE = "semantic_duplicate"
 
@@ -81,7 +81,7 @@ def apply(samples: Iterable[dict], cfg: SemDedupConfig, report: Report,
     embedded = embed_samples(samples, embedder, report, cfg.batch_size)
     first = next(embedded, None)
     if first is None:
-        attach_stats(report, {"n_embedded": 0})
+        report.stats.update({"n_embedded": 0})
         return
     with Spill(cfg.tmp_dir or None, dim=len(first[1]), prefix="semdedup-") as spill:
         spill.add(first[0], first[1])
@@ -99,7 +99,7 @@ def apply(samples: Iterable[dict], cfg: SemDedupConfig, report: Report,
         sizes = np.bincount(labels, minlength=k)
         nearest_stats = ScoreStats()
         nearest_stats.add_many(nearest[np.isfinite(nearest)])
-        attach_stats(report, {"n_embedded": spill.n, "n_clusters": k, "largest_cluster": int(sizes.max()),
+        report.stats.update({"n_embedded": spill.n, "n_clusters": k, "largest_cluster": int(sizes.max()),
                               "similarity_threshold": round(1 - cfg.eps, 6), "keep": cfg.keep,
                               "nearest_kept_similarity": nearest_stats.summary()})
 
@@ -198,7 +198,7 @@ def walk_cluster(emb: np.ndarray, members: np.ndarray, threshold: float, block_s
 
 def main(argv: list[str] | None = None) -> int:
     from data_tools.curate.cli import run_tool
-    return run_tool("semdedup", apply, SemDedupConfig, argv)
+    return run_tool("semdedup", apply, SemDedupConfig, argv, check=check_config)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,8 @@ import math
 
 import numpy as np
 
-from data_tools.curate.report import Report
 
 PERCENTILES = (1, 5, 10, 25, 30, 50, 70, 75, 90, 95, 99)
-
-
-def attach_stats(report: Report, stats: dict) -> None:
-    """Put `stats` under "stats" in the step's section of report.json."""
-    report.stats.update(stats)
 
 
 class ScoreStats:
