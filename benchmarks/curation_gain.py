@@ -45,7 +45,7 @@ from data_tools.curate.cli import print_summary  # noqa: E402
 from data_tools.curate.pipeline import load_pipeline, run_pipeline  # noqa: E402
 from data_tools.curate.report import CORRUPT, write_json_atomic  # noqa: E402
 from data_tools.synthetic_clip import class_names  # noqa: E402
-from data_tools.synthetic_noisy_clip import JPEG_SUBSAMPLING, write_noisy_clip  # noqa: E402
+from data_tools.synthetic_noisy_clip import JPEG_SUBSAMPLING, KINDS, write_noisy_clip  # noqa: E402
 from mm.config import ConfigError, apply_overrides, describe_fields, split_argv  # noqa: E402
 from mm.shards import expand_shard_spec, read_samples  # noqa: E402
 
@@ -142,7 +142,7 @@ def score_steps(step_names: list[str], drops: list[dict], truth: dict[str, dict]
 
 def count_kinds(keys, truth: dict[str, dict]) -> dict[str, int]:
     found = Counter(truth[k]["kind"] for k in keys)
-    return {kind: found[kind] for kind in ("clean", "swapped", "near_dup", "tiny", "extreme_aspect")}
+    return {kind: found[kind] for kind in KINDS}
 
 
 # ---------------------------------------------------------------- curating, with every drop recorded
@@ -240,6 +240,9 @@ def run(cfg: GainConfig) -> dict:
     config = Path(cfg.config) if Path(cfg.config).exists() else ROOT / cfg.config
     if not config.is_file():
         raise ConfigError(f"--config={cfg.config}: no such pipeline file")
+    if cfg.n < 1 or cfg.per_shard < 1 or cfg.jpeg_subsampling not in JPEG_SUBSAMPLING:
+        raise ConfigError(f"--n and --per_shard must be at least 1 and --jpeg_subsampling one of "
+                          f"{sorted(JPEG_SUBSAMPLING)}; got {cfg.n}, {cfg.per_shard}, {cfg.jpeg_subsampling}")
     work.mkdir(parents=True, exist_ok=True)
     wall, runs = {}, {}
     t = time.perf_counter()
