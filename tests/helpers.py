@@ -57,6 +57,13 @@ def load_recipe(name: str):
     return mod
 
 
+def exit_status(e: SystemExit) -> tuple[int, str | None]:
+    """What the interpreter makes of an uncaught SystemExit: (exit status, the message it prints on stderr or None)."""
+    if isinstance(e.code, int) or e.code is None:
+        return e.code or 0, None
+    return 1, str(e.code)
+
+
 def run_recipe_in_process(name: str, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
     """recipes/<name>/train.py run as its `__main__` does, `main(args)`, but in this process: what
     `python recipes/<name>/train.py ARGS` would give (its stdout, its stderr with the log lines, and its exit
@@ -78,11 +85,9 @@ def run_recipe_in_process(name: str, args: list[str], check: bool = True) -> sub
             try:
                 recipe.main(list(args))
             except SystemExit as e:  # as the interpreter ends on it
-                if isinstance(e.code, int) or e.code is None:
-                    code = e.code or 0
-                else:
-                    print(e.code, file=sys.stderr)
-                    code = 1
+                code, message = exit_status(e)
+                if message is not None:
+                    print(message, file=sys.stderr)
             except Exception:
                 traceback.print_exc()
                 code = 1

@@ -16,7 +16,7 @@ from mm.zeroshot import (DEFAULT_TEMPLATES, ImageTooLarge, NotAnImage, ZeroShotC
                          parse_labels)
 from mm.zeroshot.__main__ import main as cli_main
 from mm.zeroshot.inputs import MAX_PROMPT_CHARS, check_templates, parse_templates
-from tests.helpers import ROOT
+from tests.helpers import ROOT, exit_status
 from tests.zeroshot_fixtures import (BAD_TEMPLATES, COLOURS, png_declaring, python, render_shapes, shape_png,
                                      write_checkpoint, write_hostile_checkpoint)
 
@@ -385,8 +385,9 @@ def cli_exit_in_process(capsys, caplog, *argv: str) -> subprocess.CompletedProce
     ignored_by_default = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
     warned = [w for w in warned if not issubclass(w.category, ignored_by_default)]  # as Python's default filters
     logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    code, message = (e.value.code or 0, []) if isinstance(e.value.code, (int, type(None))) else (1, [str(e.value.code)])
-    stderr = "".join(f"{line}\n" for line in [*err.splitlines(), *map(str, warned), *logged, *message])
+    code, message = exit_status(e.value)
+    stderr = "".join(f"{line}\n" for line in [*err.splitlines(), *map(str, warned), *logged,
+                                                *([message] if message is not None else [])])
     return subprocess.CompletedProcess(argv, code, out, stderr)
 
 
