@@ -65,7 +65,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     position_ids = kwargs.get("position_ids")
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
-    if attention_mask is not None or not causal or query.shape[2] != key.shape[2] or kwargs.get("cache") is not None:
+    if attention_mask is not None or not causal or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if position_ids is None:  # varlen_mask built no mask, so only the position ids can keep samples apart

@@ -52,8 +52,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from mm.decoders import ChatFormatError
 from mm.cli import add_serve_arguments
+from mm.decoders import ChatFormatError
 from mm.http import LimitRequestBody, internal_error_handler
 from mm.media import ImageTooLarge, NotAnImage, RefTooLarge, UnreadableRef
 
