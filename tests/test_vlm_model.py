@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mm.vlm.lm import load_lm
-from mm.vlm.model import (IGNORE_INDEX, apply_lora, build_vlm, freeze, lm_loss, load_vlm, pack_batch, pad_batch,
+from mm.vlm.model import (IGNORE_INDEX, apply_lora, batch_loss, build_vlm, freeze, lm_loss, load_vlm, loss_positions,
+                          pack_batch, pad_batch,
                           param_groups, pixel_shuffle, save_vlm, sequence_logprobs, set_gradient_checkpointing, unpack)
 from mm.vlm.vision import load_vision_tower
 
@@ -86,6 +87,37 @@ def test_packed_equals_each_sample_alone(model_with, samples):
     torch.testing.assert_close(total, sum(r[1] for r in references), atol=1e-4, rtol=1e-5)
     assert count == sum(r[2] for r in references)  # no target crosses a sample boundary
     torch.testing.assert_close(loss, total / count)
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_loss_at_target_positions_only_equals_the_full_loss_and_its_gradients(vlm, samples, layout):
+    """batch_loss runs the output layer only at loss_positions; the loss, its count and every gradient are those of
+    the full [B, T, vocab] logits."""
+    model = copy.deepcopy(vlm[0]).train()
+    batch = pack_batch(samples) if layout == "packed" else pad_batch(samples, pad_id=0)
+    keep = loss_positions(batch["labels"])
+    n_positions = batch["input_ids"].shape[1] - 1
+    assert 0 < len(keep) < n_positions / 2  # prompts and images are most of the positions: they are skipped
+    assert (batch["labels"][:, 1:] != IGNORE_INDEX).any(0).sum() == len(keep)
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        total, count = fn()
+        total.backward()
+        return total.detach(), count, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full = loss_and_grads(lambda: lm_loss(model(batch["input_ids"], batch["pixel_values"], position_ids=batch.get("position_ids"),
+                                                attention_mask=batch.get("attention_mask"))[0], batch["labels"]))
+    kept = loss_and_grads(lambda: batch_loss(model, batch))
+    torch.testing.assert_close(kept[0], full[0], atol=1e-4, rtol=1e-5)
+    assert kept[1] == full[1] == sum(sum(t != IGNORE_INDEX for t in s["labels"][1:]) for s in samples)
+    assert kept[2].keys() == full[2].keys() and len(full[2]) > 5
+    for name in full[2]:
+        torch.testing.assert_close(kept[2][name], full[2][name], atol=1e-5, rtol=1e-4, msg=name)
+    logits, loss = model(batch["input_ids"], batch["pixel_values"], batch["labels"], batch.get("position_ids"),
+                         batch.get("attention_mask"), logits_to_keep=keep)
+    assert logits.shape[:2] == (batch["input_ids"].shape[0], len(keep))
+    torch.testing.assert_close(loss.detach(), full[0] / full[1], atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()

@@ -88,15 +88,13 @@ def evaluate_vqa(chat, path: str | Path, batch_size: int = 32, max_new_tokens: i
 @torch.no_grad()
 def heldout_loss(model, batches, device) -> dict:
     """Mean token loss over held-out batches (packed or padded), and the tokens it covers."""
-    from mm.vlm.model import lm_loss
+    from mm.vlm.model import batch_loss
     total, tokens = 0.0, 0
     was_training = model.training
     model.eval()
     for batch in batches:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        logits = model(batch["input_ids"], batch["pixel_values"], position_ids=batch.get("position_ids"),
-                       attention_mask=batch.get("attention_mask"))[0]
-        loss_sum, n = lm_loss(logits, batch["labels"])
+        loss_sum, n = batch_loss(model, batch)
         total, tokens = total + float(loss_sum), tokens + int(n)
     model.train(was_training)
     return {"eval_loss": total / tokens if tokens else float("nan"), "eval_tokens": tokens}

@@ -40,12 +40,12 @@ from mm.metrics import MetricsLogger, setup_logging  # noqa: E402
 from mm.optim import warmup_cosine  # noqa: E402
 from mm.precision import check_finite, make_precision, optimizer_step  # noqa: E402
 from mm.shards import LoaderPosition, ShardStream, check_stream_config, expand_shard_spec, iterate_eval_batches, make_loader  # noqa: E402
-from mm.train_state import ResumeError, full_state_dict, resume_train_state, save_train_state  # noqa: E402
+from mm.train_state import ResumeError, resume_train_state, save_train_state  # noqa: E402
 from mm.vlm import auto  # noqa: E402
 from mm.vlm.data import packed_collate, padded_collate, sample_tokens, vlm_decoder  # noqa: E402
 from mm.vlm.evaluate import evaluate_vqa, heldout_loss, normalize_answer  # noqa: E402
 from mm.vlm.inference import VisionChat  # noqa: E402
-from mm.vlm.model import apply_lora, build_vlm, lm_loss, load_vlm, save_vlm  # noqa: E402
+from mm.vlm.model import apply_lora, batch_loss, build_vlm, load_vlm, save_vlm  # noqa: E402
 from mm.vlm.model import param_groups as vlm_param_groups  # noqa: E402
 from mm.vlm.validate import format_report, validate_file  # noqa: E402
 
@@ -225,9 +225,7 @@ def choose_schedule(cfg: VLMConfig, n_examples: int, mean_tokens: float) -> dict
 def train_loss(model, batch: dict, precision) -> tuple[torch.Tensor, int]:
     """Summed token loss of one batch and the tokens it covers (the step divides by its total)."""
     with precision.autocast():
-        logits = model(batch["input_ids"], batch["pixel_values"], position_ids=batch.get("position_ids"),
-                       attention_mask=batch.get("attention_mask"))[0]
-    return lm_loss(logits, batch["labels"])
+        return batch_loss(model, batch)
 
 
 def build_model(cfg: VLMConfig, urls: list[str], tokenizer_dir: Path, is_main: bool):
