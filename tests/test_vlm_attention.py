@@ -87,6 +87,25 @@ def test_rows_with_end_pads_and_padded_batches_match_sdpa(samples):
         torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_sample_boundaries_are_found_once_per_forward_not_per_layer(samples, monkeypatch):
+    found, original = [], varlen.segment_starts
+    monkeypatch.setattr(varlen, "segment_starts", lambda p, b: found.append(p) or original(p, b))
+    model = tiny_llama(varlen.ATTENTION_NAME)
+    packed = pack_batch(samples)
+    want = model(packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+    assert len(found) == 1 and LAYERS > 1  # every layer got the same position ids: found once
+    other = pack_batch(samples[::-1])  # a new tensor with other boundaries is looked at again
+    model(other["input_ids"], position_ids=other["position_ids"], use_cache=False)
+    assert len(found) == 2
+    positions = packed["position_ids"].clone()
+    model(packed["input_ids"], position_ids=positions, use_cache=False)
+    positions[0, LENGTHS[0]] = LENGTHS[0]  # changed in place: samples 0 and 1 joined, so not the cached answer
+    joined = model(packed["input_ids"], position_ids=positions, use_cache=False).logits
+    assert len(found) == 4
+    assert not torch.allclose(joined, want, atol=1e-4)
+
+
 @pytest.fixture
 def calls(monkeypatch) -> dict:
     """Counts of mm_varlen's per-segment path, its sdpa fallback and transformers' sdpa mask builder."""

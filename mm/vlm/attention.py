@@ -16,6 +16,8 @@ cache and generation steps (fewer queries than keys), non-causal attention. For 
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -37,6 +39,22 @@ def segment_starts(position_ids: torch.Tensor, batch: int) -> list[list[int]]:
     for row, col in zip(rows.tolist(), cols.tolist()):
         out[row].append(col)
     return out
+
+
+_last_starts: tuple = (None, -1, 0, None)  # (weakref to a position_ids tensor, its _version, batch, its starts)
+
+
+def cached_segment_starts(position_ids: torch.Tensor, batch: int) -> list[list[int]]:
+    """segment_starts, computed once per forward instead of once per layer: every layer of one forward gets the
+    same position_ids tensor, so the last answer is kept for that tensor object (held by a weak reference, and
+    checked against its in-place version counter). On a GPU this saves a host sync per layer."""
+    global _last_starts
+    ref, version, rows, starts = _last_starts
+    if ref is not None and ref() is position_ids and version == position_ids._version and rows == batch:
+        return starts
+    starts = segment_starts(position_ids, batch)
+    _last_starts = (weakref.ref(position_ids), position_ids._version, batch, starts)
+    return starts
 
 
 def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, starts: list[list[int]],
@@ -71,7 +89,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if position_ids is None:  # varlen_mask built no mask, so only the position ids can keep samples apart
         raise ValueError(f"attn_implementation={ATTENTION_NAME!r} needs the position ids in the attention call; "
                          f"{type(module).__name__} does not pass them: use 'sdpa'")
-    starts = segment_starts(position_ids, query.shape[0])
+    starts = cached_segment_starts(position_ids, query.shape[0])
     if all(row == [0] for row in starts):  # nothing packed: one call for the whole batch, as sdpa does
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
     gqa = getattr(module, "num_key_value_groups", 1) > 1
