@@ -27,9 +27,8 @@ its image and first turn and then takes whole Q&A turns, from its own conversati
 only), until it reaches its drawn length; it is written as chat JSONL (<out>/llava_mix.jsonl) and decoded like
 the built-in data.
 
-TRL's SFTTrainer with a Hugging Face LlavaForConditionalGeneration is not run: LLaVA's HF class needs a
-CLIP/SigLIP-style vision config, so it cannot hold our tower (a ResNet), and its processor expands
-<image> from a processor config we would have to fake; a like-for-like model would not be the same model.
+TRL's SFTTrainer with a Hugging Face LlavaForConditionalGeneration is benchmarks/vlm_vs_trl.py: LLaVA's HF class
+needs a CLIP/SigLIP-style vision config, so that comparison uses a CLIP ViT tower on both sides, not this ResNet.
 """
 from __future__ import annotations
 
