@@ -104,6 +104,10 @@ def test_sample_boundaries_are_found_once_per_forward_not_per_layer(samples, mon
     joined = model(packed["input_ids"], position_ids=positions, use_cache=False).logits
     assert len(found) == 4
     assert not torch.allclose(joined, want, atol=1e-4)
+    with torch.inference_mode():  # inference tensors have no version counter: not cached, still right
+        got = model(packed["input_ids"], position_ids=packed["position_ids"].clone(), use_cache=False).logits
+    torch.testing.assert_close(got, want)
+    assert len(found) == 4 + LAYERS
 
 
 @pytest.fixture

@@ -47,8 +47,11 @@ _last_starts: tuple = (None, -1, 0, None)  # (weakref to a position_ids tensor, 
 def cached_segment_starts(position_ids: torch.Tensor, batch: int) -> list[list[int]]:
     """segment_starts, computed once per forward instead of once per layer: every layer of one forward gets the
     same position_ids tensor, so the last answer is kept for that tensor object (held by a weak reference, and
-    checked against its in-place version counter). On a GPU this saves a host sync per layer."""
+    checked against its in-place version counter). On a GPU this saves a host sync per layer. Tensors made under
+    torch.inference_mode() have no version counter, so they are looked at every time."""
     global _last_starts
+    if position_ids.is_inference():
+        return segment_starts(position_ids, batch)
     ref, version, rows, starts = _last_starts
     if ref is not None and ref() is position_ids and version == position_ids._version and rows == batch:
         return starts
