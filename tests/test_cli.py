@@ -3,7 +3,7 @@ import argparse
 
 import pytest
 
-from mm.cli import add_serve_arguments, file_size, positive_float
+from mm.cli import add_device_argument, add_serve_arguments, file_size, positive_float, positive_int
 
 
 def test_serve_arguments_default_to_this_machine_and_the_given_port():
@@ -41,3 +41,18 @@ def test_positive_float():
             positive_float(text)
     with pytest.raises(ValueError):
         positive_float("x")
+
+
+def test_positive_int():
+    assert positive_int("3") == 3
+    for text in ("0", "-2"):
+        with pytest.raises(argparse.ArgumentTypeError, match="at least 1"):
+            positive_int(text)
+    with pytest.raises(ValueError):
+        positive_int("1.5")
+
+
+def test_device_argument_on_a_parser_or_a_group():
+    p = argparse.ArgumentParser()
+    add_device_argument(p.add_argument_group("model"))
+    assert p.parse_args([]).device is None and p.parse_args(["--device", "cpu"]).device == "cpu"

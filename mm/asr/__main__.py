@@ -23,16 +23,10 @@ import sys
 from pathlib import Path
 
 from mm.asr.formats import FORMATS, format_transcript, language_code
+from mm.cli import add_device_argument, positive_int
 
 WALKED_EXTENSIONS = (".flac", ".wav", ".ogg", ".opus", ".mp3", ".m4a", ".webm")
 TRAIN_HINT = "train one with `python recipes/asr/train.py`, or pass --checkpoint PATH"
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def temperature(text: str) -> float:
@@ -45,7 +39,7 @@ def temperature(text: str) -> float:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="runs/asr", help="a run folder of recipes/asr/train.py, a Hugging Face "
                                                             "Whisper folder or an OpenAI .pt (default: %(default)s)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
+    add_device_argument(p)
     p.add_argument("--batch-size", type=positive_int, default=16, help="recordings decoded together "
                                                                        "(default: %(default)s)")
     p.add_argument("--beam-size", type=positive_int, help="beam search width (default: the transcriber's)")

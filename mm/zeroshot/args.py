@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mm.cli import add_device_argument
+
 DEFAULT_CHECKPOINT = "runs/clip"  # recipes/clip/train.py's default out_dir
 TRAIN_HINT = ("Train one with `python recipes/clip/train.py` (writes runs/clip), or pass --checkpoint PATH "
               "(a run folder, its export/ folder or a step_*.pt file), or --model NAME --weights FILE.")
@@ -16,7 +18,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="run folder, export folder or step_*.pt written by recipes/clip/train.py (default: %(default)s)")
     g.add_argument("--model", help="open_clip model name or .json config instead of --checkpoint (needs --weights)")
     g.add_argument("--weights", help="local open_clip weights file for --model")
-    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    add_device_argument(g)
 
 
 def load_classifier(args: argparse.Namespace, **kwargs):
