@@ -16,8 +16,10 @@ The model, built once and given to both sides:
   turns and their <|im_end|> only.
 Ours is the recipe itself, run as users run it (`--init_from` the composed model: packed, mm_varlen, its loader,
 train-time random crops); TRL's is SFTTrainer with LLaVA's processor and DataCollatorForVisionLanguageModeling
-(right padding, sdpa). Both: one epoch over the same conversations, batches of --batch_size examples (ours packs
-about that many a step), AdamW (0.9, 0.95), the same lr for every part, warmup then cosine to 5%, clip 1.0, fp32.
+(right padding, sdpa). Both: on the CPU in fp32, one epoch over the same conversations, batches of --batch_size
+examples (ours packs about that many a step: --batch_size x the mean length, at least the longest conversation, so
+a batch shorter than that is refused), AdamW (0.9, 0.95), the same lr for every part, warmup (10 steps, at most a
+fifth of the run) then cosine to 5%, clip 1.0.
 A check before training: on the same 4 conversations, both models give the same loss (same tokens, same labels,
 same weights). Reported: examples/s and real (unpadded) tokens/s over the steps after the first few, the ratio,
 and each side's mean training loss over the last steps (equal examples seen).
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -92,14 +95,22 @@ def main(argv: list[str] | None = None) -> dict:
     if "trl" in sides and not trl_available():
         print("trl side: skipped, trl is not installed (pip install trl)")
         sides.remove("trl")
-    results["tokens"] = count_tokens(export, subset)
+    lengths = count_tokens(export, subset)
+    results["tokens"], results["longest"] = sum(lengths), max(lengths)
+    # ours packs batch_size x the mean length a step, but never less than --max_tokens (the longest sample):
+    # below that it would take more examples a step than TRL's batch
+    if args.batch_size * sum(lengths) / len(lengths) < max(lengths):
+        raise SystemExit(f"--batch_size={args.batch_size}: {args.batch_size} conversations are fewer tokens than the "
+                         f"longest one ({max(lengths)}), so ours would pack more of them a step than TRL's batch; "
+                         f"give a larger --batch_size")
+    results["warmup_steps"] = min(10, steps // 5)
     if "trl" in sides:
         results["parity_loss"] = check_same_model(export, processor_dir, subset)
         print(f"same model: loss on 4 conversations, ours {results['parity_loss']['mm']:.6f}, "
               f"LLaVA {results['parity_loss']['trl']:.6f}")
     for side in sides:
         run = run_mm if side == "mm" else run_trl
-        results[side] = run(export, processor_dir, subset, work / side, args, steps)
+        results[side] = run(export, processor_dir, subset, work / side, args, steps, results["longest"])
         print(f"{side}: {results[side]['examples_per_s']:.2f} examples/s, {results[side]['tokens_per_s']:.0f} real "
               f"tokens/s, loss over the last steps {results[side]['final_loss']:.4f}")
     if "mm" in results and "trl" in results:
@@ -210,8 +221,8 @@ def trl_examples(subset: Path, n: int | None = None) -> list[dict]:
     return rows
 
 
-def count_tokens(export: Path, subset: Path) -> int:
-    """The conversations' tokens as ours tokenises them (images counted as their tokens): TRL's side counts the
+def count_tokens(export: Path, subset: Path) -> list[int]:
+    """Each conversation's tokens as ours tokenises them (images counted as their tokens): TRL's side counts the
     same from its collator's attention masks."""
     from mm.shards import read_samples
     from mm.vlm.data import vlm_decoder
@@ -221,7 +232,7 @@ def count_tokens(export: Path, subset: Path) -> int:
     model, tokenizer, _ = load_vlm(export)
     decode = vlm_decoder(tokenizer, image_transform(model.vision, train=False), image_tokens=model.tokens_per_image,
                          max_tokens=512)
-    return sum(len(decode(s)["input_ids"]) for s in read_samples([str(subset)], {}))
+    return [len(decode(s)["input_ids"]) for s in read_samples([str(subset)], {})]
 
 
 @torch.no_grad()
@@ -252,27 +263,30 @@ def check_same_model(export: Path, processor_dir: Path, subset: Path) -> dict:
     return {"mm": mine, "trl": theirs}
 
 
-def run_mm(export: Path, processor_dir: Path, subset: Path, out: Path, args, steps: int) -> dict:
+def run_mm(export: Path, processor_dir: Path, subset: Path, out: Path, args, steps: int, longest: int) -> dict:
     """The recipe, as a user runs it, from our export of the shared initial weights."""
     import shutil
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, str(ROOT / "recipes" / "vlm" / "train.py"), f"--init_from={export}",
            f"--train_data={subset}", "--eval_data=none", f"--out_dir={out}", f"--batch_size={args.batch_size}",
            "--n_epochs=1", f"--max_steps={steps}", "--lr_multiplier=1", f"--lr={args.lr}",
-           f"--lr_projector={args.lr}", f"--lr_vision={args.lr}", "--warmup_steps=10", "--log_every=1",
-           "--tensorboard=false", f"--ckpt_every={steps}", "--max_tokens=512", f"--seed={args.seed}"]
-    subprocess.run(cmd, check=True, cwd=ROOT)
+           f"--lr_projector={args.lr}", f"--lr_vision={args.lr}", f"--warmup_steps={min(10, steps // 5)}",
+           "--log_every=1", "--tensorboard=false", f"--ckpt_every={steps}", f"--max_tokens={longest}",
+           "--precision=fp32", f"--seed={args.seed}"]
+    # on the CPU, as TRL's side (use_cpu=True): on a GPU machine ours would otherwise take the GPU and bf16
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     rows = [json.loads(line) for line in open(out / "metrics.jsonl", encoding="utf-8")]
     rows = [r for r in rows if "loss" in r]  # log_every=1: one row a step, its rates over that step
     seconds = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
     timed = list(zip(rows[1:], seconds))[max(0, args.skip_steps - 1):]  # steps skip_steps + 1 .. the last, as TRL's
     total = sum(dt for _, dt in timed)
-    return {"examples_per_s": sum(r["samples_per_s"] * dt for r, dt in timed) / total,
+    examples = sum(r["samples_per_s"] * dt for r, dt in timed)
+    return {"examples_per_s": examples / total, "examples_per_step": examples / len(timed),
             "tokens_per_s": sum(r["tokens_per_s"] * dt for r, dt in timed) / total, "timed_steps": len(timed),
             "final_loss": _tail_mean([r["loss"] for r in rows]), "losses": [r["loss"] for r in rows]}
 
 
-def run_trl(export: Path, processor_dir: Path, subset: Path, out: Path, args, steps: int) -> dict:
+def run_trl(export: Path, processor_dir: Path, subset: Path, out: Path, args, steps: int, longest: int) -> dict:
     """TRL's SFTTrainer on LlavaForConditionalGeneration with LLaVA's processor and TRL's vision collator."""
     from datasets import Dataset
     from transformers import AutoProcessor, TrainerCallback
@@ -291,7 +305,7 @@ def run_trl(export: Path, processor_dir: Path, subset: Path, out: Path, args, st
 
     config = SFTConfig(output_dir=str(out), per_device_train_batch_size=args.batch_size, max_steps=steps,
                        learning_rate=args.lr, lr_scheduler_type="cosine_with_min_lr",
-                       lr_scheduler_kwargs={"min_lr_rate": 0.05}, warmup_steps=10, adam_beta2=0.95,
+                       lr_scheduler_kwargs={"min_lr_rate": 0.05}, warmup_steps=min(10, steps // 5), adam_beta2=0.95,
                        weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[],
                        assistant_only_loss=True, max_length=512, use_cpu=True, bf16=False, fp16=False,
                        dataloader_num_workers=0, seed=args.seed, data_seed=args.seed, remove_unused_columns=False)
@@ -313,7 +327,8 @@ def run_trl(export: Path, processor_dir: Path, subset: Path, out: Path, args, st
     timed_steps = len(clock) - 1 - skip
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     return {"examples_per_s": timed_steps * args.batch_size / seconds, "tokens_per_s": sum(tokens[skip:]) / seconds,
-            "timed_steps": timed_steps, "final_loss": _tail_mean(losses), "losses": losses, "tokens": sum(tokens),
+            "timed_steps": timed_steps, "examples_per_step": float(args.batch_size), "final_loss": _tail_mean(losses),
+            "losses": losses, "tokens": sum(tokens),
             "padding": 1 - sum(tokens) / max(1, sum(padded))}
 
 

@@ -98,7 +98,6 @@ def test_loss_at_target_positions_only_equals_the_full_loss_and_its_gradients(vl
     keep = loss_positions(batch["labels"])
     n_positions = batch["input_ids"].shape[1] - 1
     assert 0 < len(keep) < n_positions / 2  # prompts and images are most of the positions: they are skipped
-    assert (batch["labels"][:, 1:] != IGNORE_INDEX).any(0).sum() == len(keep)
 
     def loss_and_grads(fn):
         model.zero_grad()
@@ -118,6 +117,20 @@ def test_loss_at_target_positions_only_equals_the_full_loss_and_its_gradients(vl
                          batch.get("attention_mask"), logits_to_keep=keep)
     assert logits.shape[:2] == (batch["input_ids"].shape[0], len(keep))
     torch.testing.assert_close(loss.detach(), full[0] / full[1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="logits_to_keep is 0"):
+        model(batch["input_ids"], batch["pixel_values"], batch["labels"], batch.get("position_ids"),
+              batch.get("attention_mask"), logits_to_keep=3)
+
+
+def test_a_batch_without_targets_has_zero_loss_and_zero_gradients(vlm, samples):
+    model = copy.deepcopy(vlm[0]).train()
+    batch = pack_batch(samples)
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+    assert len(loss_positions(batch["labels"])) == 0
+    total, count = batch_loss(model, batch)
+    total.backward()
+    assert float(total) == 0.0 and int(count) == 0
+    assert all(float(p.grad.abs().sum()) == 0 for p in model.parameters() if p.grad is not None)
 
 
 @torch.no_grad()

@@ -55,8 +55,9 @@ def cached_segment_starts(position_ids: torch.Tensor, batch: int) -> list[list[i
     ref, version, rows, starts = _last_starts
     if ref is not None and ref() is position_ids and version == position_ids._version and rows == batch:
         return starts
+    version = position_ids._version  # read first: a write during the search must not pair with these starts
     starts = segment_starts(position_ids, batch)
-    _last_starts = (weakref.ref(position_ids), position_ids._version, batch, starts)
+    _last_starts = (weakref.ref(position_ids), version, batch, starts)
     return starts
 
 
