@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "trl" in sides and not trl_available():
         print("trl side: skipped, trl is not installed (pip install trl)")
         sides.remove("trl")
-    lengths = count_tokens(export, subset)
+    lengths, first = decode_ours(export, subset)
     results["tokens"], results["longest"] = sum(lengths), max(lengths)
     # ours packs batch_size x the mean length a step, but never less than --max_tokens (the longest sample):
     # below that it would take more examples a step than TRL's batch
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
                          f"give a larger --batch_size")
     results["warmup_steps"] = min(10, steps // 5)
     if "trl" in sides:
-        results["parity_loss"] = check_same_model(export, processor_dir, subset)
+        results["parity_loss"] = check_same_model(export, processor_dir, subset, first)
         print(f"same model: loss on 4 conversations, ours {results['parity_loss']['mm']:.6f}, "
               f"LLaVA {results['parity_loss']['trl']:.6f}")
     for side in sides:
@@ -221,9 +221,10 @@ def trl_examples(subset: Path, n: int | None = None) -> list[dict]:
     return rows
 
 
-def count_tokens(export: Path, subset: Path) -> list[int]:
-    """Each conversation's tokens as ours tokenises them (images counted as their tokens): TRL's side counts the
-    same from its collator's attention masks."""
+def decode_ours(export: Path, subset: Path, keep: int = 4) -> tuple[list[int], list[dict]]:
+    """Every conversation as ours tokenises it (eval transform): (each one's token count, images counted as their
+    tokens; the first `keep` decoded samples). TRL's side counts the same tokens from its collator's masks, and
+    check_same_model scores the kept samples."""
     from mm.shards import read_samples
     from mm.vlm.data import vlm_decoder
     from mm.vlm.model import load_vlm
@@ -232,33 +233,33 @@ def count_tokens(export: Path, subset: Path) -> list[int]:
     model, tokenizer, _ = load_vlm(export)
     decode = vlm_decoder(tokenizer, image_transform(model.vision, train=False), image_tokens=model.tokens_per_image,
                          max_tokens=512)
-    return [len(decode(s)["input_ids"]) for s in read_samples([str(subset)], {})]
+    lengths, kept = [], []
+    for raw in read_samples([str(subset)], {}):
+        sample = decode(raw)
+        lengths.append(len(sample["input_ids"]))
+        if len(kept) < keep:
+            kept.append(sample)
+    return lengths, kept
 
 
 @torch.no_grad()
-def check_same_model(export: Path, processor_dir: Path, subset: Path) -> dict:
-    """Both sides' loss on the same 4 conversations: ours (our tokenisation, labels and eval transform, padded) and
-    LLaVA's (TRL's collator). Equal losses mean the same tokens, labels, pixels and weights."""
+def check_same_model(export: Path, processor_dir: Path, subset: Path, samples: list[dict]) -> dict:
+    """Both sides' loss on the first conversations: ours (`samples`, decode_ours': our tokenisation, labels and eval
+    transform, padded) and LLaVA's (TRL's collator). Equal losses mean the same tokens, labels, pixels and weights."""
     from transformers import AutoProcessor
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-    from mm.shards import read_samples
-    from mm.vlm.data import vlm_decoder
     from mm.vlm.model import batch_loss, pad_batch
-    from mm.vlm.vision import image_transform
 
     llava, ours, tokenizer = llava_from(export)
-    decode = vlm_decoder(tokenizer, image_transform(ours.vision, train=False), image_tokens=ours.tokens_per_image,
-                         max_tokens=512)
-    samples = [decode(s) for s, _ in zip(read_samples([str(subset)], {}), range(4))]
     total, count = batch_loss(ours.eval(), pad_batch(samples, tokenizer.pad_token_id))
     collator = DataCollatorForVisionLanguageModeling(AutoProcessor.from_pretrained(processor_dir),
                                                      assistant_only_loss=True)
-    batch = collator(trl_examples(subset, 4))
+    batch = collator(trl_examples(subset, len(samples)))
     theirs = float(llava.eval()(**batch).loss)
     mine = float(total / count)
     if abs(mine - theirs) > 1e-3 * max(1.0, abs(mine)):
-        raise SystemExit(f"not the same model: on the same 4 conversations ours gives loss {mine:.6f}, LLaVA "
+        raise SystemExit(f"not the same model: on the same {len(samples)} conversations ours gives loss {mine:.6f}, LLaVA "
                          f"{theirs:.6f} (tokens, labels, pixels or weights differ)")
     return {"mm": mine, "trl": theirs}
 

@@ -34,22 +34,17 @@ def test_file_size_refuses_what_is_not_a_positive_size(text):
         file_size(text)
 
 
-def test_positive_float():
-    assert positive_float("0.5") == 0.5
-    for text in ("0", "-2"):
-        with pytest.raises(argparse.ArgumentTypeError, match="more than 0"):
-            positive_float(text)
+@pytest.mark.parametrize("parse, good, expected, bad, refusal, not_a_number", [
+    (positive_float, "0.5", 0.5, ("0", "-2"), "more than 0", "x"),
+    (positive_int, "3", 3, ("0", "-2"), "at least 1", "1.5"),
+])
+def test_positive_numbers(parse, good, expected, bad, refusal, not_a_number):
+    assert parse(good) == expected
+    for text in bad:
+        with pytest.raises(argparse.ArgumentTypeError, match=refusal):
+            parse(text)
     with pytest.raises(ValueError):
-        positive_float("x")
-
-
-def test_positive_int():
-    assert positive_int("3") == 3
-    for text in ("0", "-2"):
-        with pytest.raises(argparse.ArgumentTypeError, match="at least 1"):
-            positive_int(text)
-    with pytest.raises(ValueError):
-        positive_int("1.5")
+        parse(not_a_number)
 
 
 def test_device_argument_on_a_parser_or_a_group():

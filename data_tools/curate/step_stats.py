@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 
-
 PERCENTILES = (1, 5, 10, 25, 30, 50, 70, 75, 90, 95, 99)
 
 

@@ -102,14 +102,14 @@ class VisionLanguageModel(nn.Module):
         logits_to_keep: as transformers' (0: every position); a 1-D tensor of positions, e.g. loss_positions(labels),
         gives logits [B, K, vocab] at those positions only, and the loss is computed from them."""
         check_packed_arguments(position_ids, attention_mask, use_cache)
+        if labels is not None and not torch.is_tensor(logits_to_keep) and logits_to_keep != 0:
+            raise ValueError("with labels, logits_to_keep is 0 (every position) or a 1-D tensor of positions "
+                             "(loss_positions(labels)), not a count of last positions")
         embeds = self.embed(input_ids, pixel_values)
         out = self.lm(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
                       use_cache=use_cache, logits_to_keep=logits_to_keep)
         if labels is None:
             return out.logits, None
-        if not torch.is_tensor(logits_to_keep) and logits_to_keep != 0:
-            raise ValueError("with labels, logits_to_keep is 0 (every position) or a 1-D tensor of positions "
-                             "(loss_positions(labels)), not a count of last positions")
         positions = logits_to_keep if torch.is_tensor(logits_to_keep) else None
         total, count = lm_loss(out.logits, labels, positions)
         return out.logits, total / count.clamp(min=1)
