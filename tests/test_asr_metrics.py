@@ -119,7 +119,7 @@ def test_evaluate_asr_transcribes_in_the_detected_or_the_given_language(corpus, 
     asked = []
     real = evaluate.transcribe_features
     monkeypatch.setattr(evaluate, "transcribe_features",
-                        lambda m, t, f, mask, langs, n: asked.append(list(langs)) or real(m, t, f, mask, langs, n))
+                        lambda m, t, f, mask, langs, n, *w: asked.append(list(langs)) or real(m, t, f, mask, langs, n, *w))
     decode = asr_decoder(tokenizer, train=False)
     batch = next(iterate_eval_batches(str(corpus / "heldout"), decode, asr_collate(tokenizer.eot), 9))
     with torch.no_grad():

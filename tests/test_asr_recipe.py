@@ -63,6 +63,7 @@ def test_end_to_end_prints_scores_and_writes_results(trained):
     table = lines[lines.index(f"{'language':>8} {'n':>5} {'CER':>7} {'WER':>7} {'LID':>7}"):]
     assert [r.split()[:2] for r in table[1:5]] == [["el", "3"], ["en", "3"], ["ru", "3"], ["all", "9"]]
     assert table[5].startswith("mean over languages: CER")
+    assert "decoded jointly with the CTC head (--eval_ctc_weight=0.5); the decoder alone" in proc.stdout
     assert f"checkpoint: {step_file(out, STEPS)}" in proc.stdout
 
     results = json.loads((out / "results.json").read_text())
@@ -128,19 +129,32 @@ def test_exports_load_in_transformers_and_openai_whisper_with_our_logits(trained
     assert hf.config.decoder_start_token_id == tok.sot and hf.config.eos_token_id == tok.eot
 
 
-def test_results_are_those_of_the_exported_model(trained, corpus):
+def test_results_are_those_of_the_checkpoint_and_decoder_alone_those_of_the_export(trained, corpus):
+    """The run scores joint CTC/attention decoding with its checkpoint's CTC head, and the decoder alone: the
+    latter is what the exports (no CTC head in either format) score."""
     from mm.asr.convert import load_whisper
     from mm.asr.evaluate import evaluate_asr
+    from mm.asr.model import ModelDimensions, Whisper
     from mm.asr.tokenizer import load_tokenizer
 
     out, _ = trained
     results = json.loads((out / "results.json").read_text())
-    model, _ = load_whisper(out / "export" / "whisper.pt")
-    again = evaluate_asr(model, load_tokenizer(out / "tokenizer"), str(corpus / "heldout"), torch.device("cpu"),
-                         batch_size=16)
-    keys = [k for k in again if k.startswith(("cer", "wer", "lid_acc", "n/"))]
-    assert len(keys) == 5 + 4 * 3
-    assert {k: again[k] for k in keys} == pytest.approx({k: results[k] for k in keys})
+    tokenizer = load_tokenizer(out / "tokenizer")
+    state = load_checkpoint(step_file(out, STEPS))
+    model = Whisper(ModelDimensions(**state["extra"]["dims"]), ctc=True, ctc_vocab=tokenizer.eot)
+    model.load_state_dict(state["model"])
+    joint = evaluate_asr(model, tokenizer, str(corpus / "heldout"), torch.device("cpu"), batch_size=16,
+                         ctc_weight=0.5)
+    keys = [k for k in joint if k.startswith(("cer", "wer", "lid_acc", "n/"))]
+    assert len(keys) == 5 + 4 * 3 + 3
+    assert {k: joint[k] for k in keys} == pytest.approx({k: results[k] for k in keys})
+
+    exported, _ = load_whisper(out / "export" / "whisper.pt")
+    alone = evaluate_asr(exported, tokenizer, str(corpus / "heldout"), torch.device("cpu"), batch_size=16)
+    assert "cer_decoder_alone" not in alone
+    assert (alone["cer_mean"], alone["cer"], alone["wer"]) == pytest.approx(
+        (results["cer_mean_decoder_alone"], results["cer_decoder_alone"], results["wer_decoder_alone"]))
+    assert alone["lid_acc"] == pytest.approx(results["lid_acc"])
 
 
 # ---------------------------------------------------------------- kill and resume

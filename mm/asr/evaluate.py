@@ -5,8 +5,8 @@ factor, two ways.
     result = evaluate_transcriber(Transcriber.from_checkpoint("runs/asr"), "data/asr_synth/heldout")
     print(format_eval(result))                                                   # python -m mm.asr eval
 
-evaluate_asr is the recipe's: batched greedy decoding of whole clips, no timestamps, every rank decoding its
-slice (rank 0's result covers all of them). evaluate_transcriber decodes as a user's transcription does
+evaluate_asr is the recipe's: batched greedy decoding of whole clips (jointly with the CTC head if asked), no
+timestamps, every rank decoding its slice (rank 0's result covers all of them). evaluate_transcriber decodes as a user's transcription does
 (Transcriber: long-form windows, timestamps, temperature fallback, the checkpoint's settings) and also
 returns the worst utterances.
 """
@@ -27,12 +27,13 @@ from mm.shards import iterate_eval_batches
 
 @torch.no_grad()
 def transcribe_features(model, tokenizer, features: torch.Tensor, mask: torch.Tensor | None, languages: list[str],
-                        max_new_tokens: int = 128) -> list[str]:
-    """Greedy transcripts, without timestamps, of encoded audio [B, T, D] in the given languages."""
+                        max_new_tokens: int = 128, ctc_weight: float = 0.0) -> list[str]:
+    """Greedy transcripts, without timestamps, of encoded audio [B, T, D] in the given languages; ctc_weight > 0
+    decodes jointly with the model's CTC head (mm.asr.decode.greedy_decode)."""
     prompts = torch.tensor([tokenizer.sot_sequence(lang, timestamps=False) for lang in languages],
                            device=features.device)
     suppress = list(range(tokenizer.eot + 1, tokenizer.vocab_size))  # every special token but <|endoftext|>
-    ids = greedy_decode(model, features, mask, prompts, tokenizer.eot, max_new_tokens, suppress)
+    ids = greedy_decode(model, features, mask, prompts, tokenizer.eot, max_new_tokens, suppress, ctc_weight)
     return [tokenizer.decode(t).strip() for t in ids]
 
 
@@ -52,15 +53,18 @@ def transcribe_batch(model, tokenizer, mel: torch.Tensor, mel_lengths: torch.Ten
 def evaluate_asr(model, tokenizer, spec: str, device: torch.device, n_mels: int | None = None,
                  batch_size: int = 32, max_seconds: float = 30.0, pad_to_30s: bool = False,
                  language: str = "detect", max_new_tokens: int = 128, rank: int = 0, world_size: int = 1,
-                 autocast=None) -> dict:
+                 autocast=None, ctc_weight: float = 0.0) -> dict:
     """Scores over every sample of `spec` (see mm.asr.metrics.asr_scores) plus "rtf": decoding seconds
     per second of audio, "eval_utterances" and "eval_audio_s". language="detect" transcribes in the
-    detected language (the end-to-end number); "given" uses the sample's own (LID is still measured)."""
+    detected language (the end-to-end number); "given" uses the sample's own (LID is still measured).
+    ctc_weight > 0 decodes jointly with the model's CTC head (greedy_decode), and also the decoder alone:
+    "cer_mean_decoder_alone", "cer_decoder_alone" and "wer_decoder_alone" are what the exports, which have no
+    CTC head, score in transformers or openai-whisper. The real-time factor is the joint decoding's."""
     was_training = model.training
     model.eval()
     n_mels = n_mels or model.dims.n_mels
     decode = asr_decoder(tokenizer, n_mels=n_mels, train=False, max_seconds=max_seconds, pad_to_30s=pad_to_30s)
-    refs, hyps, langs, preds, audio_s, busy_s = [], [], [], [], 0.0, 0.0
+    refs, hyps, langs, preds, alone, audio_s, busy_s = [], [], [], [], [], 0.0, 0.0
     for batch in iterate_eval_batches(spec, decode, asr_collate(tokenizer.eot), batch_size, rank, world_size):
         t0 = time.perf_counter()
         with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
@@ -71,20 +75,25 @@ def evaluate_asr(model, tokenizer, spec: str, device: torch.device, n_mels: int 
             # at most ~10 tokens per second of speech (Whisper's own cap is 224 per 30 s): a model that never
             # says <|endoftext|> must not spend the evaluation writing max_new_tokens of nonsense
             cap = min(max_new_tokens, int(10 * max(batch["durations"])) + 16)
-            texts = transcribe_features(model, tokenizer, features, mask,
-                                        detected if language == "detect" else batch["languages"], cap)
-        busy_s += time.perf_counter() - t0
+            wanted = detected if language == "detect" else batch["languages"]
+            texts = transcribe_features(model, tokenizer, features, mask, wanted, cap, ctc_weight)
+            busy_s += time.perf_counter() - t0
+            if ctc_weight:
+                alone += transcribe_features(model, tokenizer, features, mask, wanted, cap)
         refs += batch["texts"]
         hyps += texts
         langs += batch["languages"]
         preds += detected
         audio_s += sum(batch["durations"])
-    parts = all_gather_objects((refs, hyps, langs, preds, audio_s, busy_s))
+    parts = all_gather_objects((refs, hyps, langs, preds, alone, audio_s, busy_s))
     if was_training:
         model.train()
-    refs, hyps, langs, preds = ([x for p in parts for x in p[i]] for i in range(4))
-    audio_s, busy_s = sum(p[4] for p in parts), max(p[5] for p in parts)
+    refs, hyps, langs, preds, alone = ([x for p in parts for x in p[i]] for i in range(5))
+    audio_s, busy_s = sum(p[5] for p in parts), max(p[6] for p in parts)
     scores = asr_scores(refs, hyps, langs, preds)
+    if ctc_weight and refs:
+        decoder_alone = asr_scores(refs, alone, langs)
+        scores.update({f"{k}_decoder_alone": decoder_alone[k] for k in ("cer_mean", "cer", "wer")})
     scores.update({"rtf": busy_s / max(audio_s, 1e-9), "eval_utterances": len(refs), "eval_audio_s": audio_s})
     scores["examples"] = [{"language": lang, "reference": r, "hypothesis": h}
                           for r, h, lang in list(zip(refs, hyps, langs))[:: max(1, len(refs) // 10)]]

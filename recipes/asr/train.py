@@ -104,6 +104,7 @@ class ASRConfig:
     eval_every: int = 900  # steps between evaluations (0: only at the end)
     eval_batch_size: int = 64  # utterances per decoding batch
     eval_language: Literal["detect", "given"] = "detect"  # transcribe in the detected language, or the labelled one
+    eval_ctc_weight: float = 0.5  # greedy decoding joint with the CTC head, as ESPnet (0: decoder alone; no head: 0)
     log_every: int = 50  # steps between metrics.jsonl rows
     tensorboard: bool = True  # also log to <out_dir>/tensorboard
     wandb_project: str | None = None  # log to this wandb project (needs `pip install wandb`)
@@ -119,6 +120,8 @@ def check_config(cfg: ASRConfig) -> None:
         raise ConfigError(f"--model={cfg.model!r} is not a named size; choose from {sorted(SIZES)}")
     if not 0 <= cfg.ctc_weight < 1 or not 0 <= cfg.timestamp_prob <= 1 or not 0 <= cfg.noise_prob <= 1:
         raise ConfigError("--ctc_weight must be in [0, 1), --timestamp_prob and --noise_prob in [0, 1]")
+    if not 0 <= cfg.eval_ctc_weight < 1:
+        raise ConfigError(f"--eval_ctc_weight must be in [0, 1), got {cfg.eval_ctc_weight}")
     if (cfg.pad_to_30s == "true" or (cfg.pad_to_30s == "auto" and cfg.init_from)) and cfg.max_batch_seconds < 30:
         raise ConfigError(f"inputs padded to 30 s (--pad_to_30s={cfg.pad_to_30s}{', with --init_from' if cfg.init_from else ''}) "
                           f"count 30 s each: --max_batch_seconds={cfg.max_batch_seconds:g} fits none; use 30 x the "
@@ -303,7 +306,7 @@ def main(argv: list[str]) -> dict:
     def evaluate() -> dict:
         return evaluate_asr(model, tokenizer, cfg.eval_data, d.device, dims.n_mels, cfg.eval_batch_size,
                             cfg.max_seconds, pad_to_30s, cfg.eval_language, rank=d.rank, world_size=d.world_size,
-                            autocast=precision.autocast)
+                            autocast=precision.autocast, ctc_weight=cfg.eval_ctc_weight if cfg.ctc_weight else 0.0)
 
     # --- the loop
     from tqdm import tqdm
@@ -345,8 +348,10 @@ def main(argv: list[str]) -> dict:
         if cfg.eval_data and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
             results = evaluate()  # every rank decodes its slice
             metrics.log(step, {k: v for k, v in results.items() if isinstance(v, (int, float))})
+            alone = (f" (decoder alone: CER {results['cer_mean_decoder_alone']:.4f})"
+                     if "cer_mean_decoder_alone" in results else "")
             bar.write(f"step {step}: CER {results['cer_mean']:.4f} (mean over languages), WER {results['wer']:.4f}, "
-                      f"LID {results['lid_acc']:.4f}, RTF {results['rtf']:.4f}")
+                      f"LID {results['lid_acc']:.4f}, RTF {results['rtf']:.4f}{alone}")
     bar.close()
 
     if d.is_main:
@@ -364,6 +369,10 @@ def main(argv: list[str]) -> dict:
         metrics.close()
         if "cer" in results:
             print(format_scores(results))
+        if "cer_mean_decoder_alone" in results:
+            print(f"decoded jointly with the CTC head (--eval_ctc_weight={cfg.eval_ctc_weight:g}); the decoder alone, as "
+                  f"the exports decode in transformers or openai-whisper: CER {results['cer_mean_decoder_alone']:.4f} "
+                  f"(mean over languages), WER {results['wer_decoder_alone']:.4f}")
         print(f"checkpoint: {last_ckpt}\nexport: {export / 'hf'} (Hugging Face), {export / 'whisper.pt'} (openai-whisper)")
     close_distributed()
     return results

@@ -1,0 +1,126 @@
+"""Joint CTC/attention greedy decoding (mm.asr.decode.CTCPrefixState, greedy_decode(ctc_weight=...)): the prefix
+scores against brute force and against F.ctc_loss, and the decoder on a tiny random model."""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mm.asr import decode
+from mm.asr.model import ModelDimensions, Whisper
+
+DIMS = ModelDimensions(n_mels=8, n_audio_ctx=50, n_audio_state=32, n_audio_head=2, n_audio_layer=1, n_vocab=200,
+                       n_text_ctx=32, n_text_state=32, n_text_head=2, n_text_layer=1)
+EOT = 150  # text tokens 0..149; the CTC head's blank is index 150, as the recipe builds it (ctc_vocab=eot)
+
+
+def random_log_probs(batch, frames, classes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, frames, classes, generator=g) * 2).log_softmax(-1)
+
+
+def grow(state, labels, eot):
+    """Extend a one-row state by `labels` one at a time; returns each prefix's score, then the whole's."""
+    scores = []
+    for label in list(labels) + [eot]:
+        cand = torch.tensor([[label]])
+        s, r_n, r_b = state.extend(cand, eot)
+        scores.append(float(s[0, 0]))
+        if label != eot:
+            state.advance(cand, torch.tensor([0]), s, r_n, r_b)
+    return scores
+
+
+def collapse(path, blank):
+    out = [k for k, _ in itertools.groupby(path)]
+    return [k for k in out if k != blank]
+
+
+def test_prefix_scores_equal_brute_force_over_all_paths():
+    frames, blank = 5, 2  # labels 0, 1
+    lp = random_log_probs(1, frames, 3, seed=4)
+    p = lp[0].exp()
+    starts_with = {}
+    for path in itertools.product(range(3), repeat=frames):
+        out = tuple(collapse(path, blank))
+        prob = math.prod(float(p[t, k]) for t, k in enumerate(path))
+        for n in range(len(out) + 1):
+            starts_with[out[:n]] = starts_with.get(out[:n], 0.0) + prob
+    for prefix in [(0,), (1,), (0, 0), (0, 1), (1, 0, 1)]:
+        state = decode.CTCPrefixState.start(lp)
+        got = grow(state, prefix, eot=blank)[len(prefix) - 1]
+        assert got == pytest.approx(math.log(starts_with[prefix]), abs=1e-5), prefix
+    assert decode.CTCPrefixState.start(lp).score.item() == 0.0  # every output begins with the empty prefix
+
+
+def test_whole_sequence_score_equals_ctc_loss_with_padded_frames():
+    frames, labels = 9, 4
+    lp = random_log_probs(2, frames, labels + 1, seed=1)
+    mask = torch.tensor([[True] * 9, [True] * 6 + [False] * 3])
+    targets = [[1, 1, 2], [3, 0]]
+    identity_head = type("M", (), {"ctc_head": lambda self, x: x})()  # the frames' logits are lp themselves
+    masked = decode.ctc_frame_log_probs(identity_head, lp, mask)
+    for row, target in enumerate(targets):
+        length = int(mask[row].sum())
+        want = -F.ctc_loss(lp[row, :length, None], torch.tensor([target]),
+                           torch.tensor([length]), torch.tensor([len(target)]), blank=labels, reduction="sum")
+        state = decode.CTCPrefixState.start(masked[row:row + 1])
+        assert grow(state, target, eot=labels)[-1] == pytest.approx(float(want), abs=1e-4)
+    assert torch.equal(masked[1, 6:].argmax(-1), torch.full((3,), labels))  # padded frames: blank, probability 1
+
+
+@pytest.fixture(scope="module")
+def model():
+    g = torch.Generator().manual_seed(0)
+    m = Whisper(DIMS, ctc=True, ctc_vocab=EOT)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return m.eval()
+
+
+def encoded(model, batch=3, frames=60, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    mel = torch.randn(batch, DIMS.n_mels, frames, generator=g)
+    with torch.no_grad():
+        return model.embed_audio(mel, torch.tensor([60, 41, 23][:batch]))
+
+
+SUPPRESS = list(range(EOT + 1, DIMS.n_vocab))
+PROMPTS = torch.tensor([[160, 170, 171], [160, 172, 171], [160, 173, 171]])
+
+
+def test_joint_greedy_rows_decode_as_alone_and_weight_zero_is_plain_greedy(model):
+    xa, mask = encoded(model)
+    plain = decode.greedy_decode(model, xa, mask, PROMPTS, EOT, 10, SUPPRESS)
+    assert decode.greedy_decode(model, xa, mask, PROMPTS, EOT, 10, SUPPRESS, ctc_weight=0.0) == plain
+    joint = decode.greedy_decode(model, xa, mask, PROMPTS, EOT, 10, SUPPRESS, ctc_weight=0.5)
+    alone = [decode.greedy_decode(model, xa[i:i + 1], mask[i:i + 1], PROMPTS[i:i + 1], EOT, 10, SUPPRESS,
+                                  ctc_weight=0.5)[0] for i in range(3)]
+    assert joint == alone
+    assert joint != plain  # random weights: the CTC term changes some choice
+
+
+def test_joint_greedy_follows_the_ctc_when_it_dominates(model):
+    xa, mask = encoded(model, batch=2)
+    with torch.no_grad():  # a CTC head that hears "7 7" everywhere: 7 then blank, frame after frame
+        head = model.ctc_head
+        saved = head.weight.clone(), head.bias.clone()
+        head.weight.zero_()
+        head.bias.fill_(-20.0)
+        head.bias[7], head.bias[EOT] = 0.0, 0.0
+        try:
+            out = decode.greedy_decode(model, xa, mask, PROMPTS[:2], EOT, 6, SUPPRESS, ctc_weight=0.99,
+                                       ctc_candidates=EOT + 1)
+        finally:
+            head.weight.copy_(saved[0]), head.bias.copy_(saved[1])
+    assert all(row and row[0] == 7 and set(row) == {7} for row in out), out
+
+
+def test_joint_greedy_refuses_without_a_head_or_with_specials_allowed(model):
+    xa, mask = encoded(model, batch=1)
+    with pytest.raises(ValueError, match="CTC head"):
+        decode.greedy_decode(Whisper(DIMS).eval(), xa, mask, PROMPTS[:1], EOT, 4, SUPPRESS, ctc_weight=0.5)
+    with pytest.raises(ValueError, match="suppress the other specials"):
+        decode.greedy_decode(model, xa, mask, PROMPTS[:1], EOT, 4, (), ctc_weight=0.5, ctc_candidates=DIMS.n_vocab)
