@@ -52,6 +52,14 @@ def test_prefix_scores_equal_brute_force_over_all_paths():
         got = grow(state, prefix, eot=blank)[len(prefix) - 1]
         assert got == pytest.approx(math.log(starts_with[prefix]), abs=1e-5), prefix
     assert decode.CTCPrefixState.start(lp).score.item() == 0.0  # every output begins with the empty prefix
+    # eot scores the prefix as the whole output: P(output == prefix), the empty output (all blank) included
+    exactly = {}
+    for path in itertools.product(range(3), repeat=frames):
+        out = tuple(collapse(path, blank))
+        exactly[out] = exactly.get(out, 0.0) + math.prod(float(p[t, k]) for t, k in enumerate(path))
+    for prefix in [(), (0,), (1, 0), (0, 0, 1)]:
+        got = grow(decode.CTCPrefixState.start(lp), prefix, eot=blank)[-1]
+        assert got == pytest.approx(math.log(exactly[prefix]), abs=1e-5), prefix
 
 
 def test_whole_sequence_score_equals_ctc_loss_with_padded_frames():
@@ -91,15 +99,32 @@ SUPPRESS = list(range(EOT + 1, DIMS.n_vocab))
 PROMPTS = torch.tensor([[160, 170, 171], [160, 172, 171], [160, 173, 171]])
 
 
-def test_joint_greedy_rows_decode_as_alone_and_weight_zero_is_plain_greedy(model):
+def test_joint_greedy_rows_decode_as_alone_and_weight_zero_is_plain_greedy(model, monkeypatch):
     xa, mask = encoded(model)
     plain = decode.greedy_decode(model, xa, mask, PROMPTS, EOT, 10, SUPPRESS)
     assert decode.greedy_decode(model, xa, mask, PROMPTS, EOT, 10, SUPPRESS, ctc_weight=0.0) == plain
     joint = decode.greedy_decode(model, xa, mask, PROMPTS, EOT, 10, SUPPRESS, ctc_weight=0.5)
-    alone = [decode.greedy_decode(model, xa[i:i + 1], mask[i:i + 1], PROMPTS[i:i + 1], EOT, 10, SUPPRESS,
+    assert joint != plain  # random weights: the CTC term changes some choice
+    # eot made likelier, so that rows finish at different steps and leave the batch (and the CTC state) midway
+    logits = model.logits
+    monkeypatch.setattr(model, "logits", lambda *a, **k: logits(*a, **k) + 8.0 * (torch.arange(DIMS.n_vocab) == EOT))
+    joint = decode.greedy_decode(model, xa, mask, PROMPTS, EOT, 20, SUPPRESS, ctc_weight=0.5)
+    alone = [decode.greedy_decode(model, xa[i:i + 1], mask[i:i + 1], PROMPTS[i:i + 1], EOT, 20, SUPPRESS,
                                   ctc_weight=0.5)[0] for i in range(3)]
     assert joint == alone
-    assert joint != plain  # random weights: the CTC term changes some choice
+    assert len({len(r) for r in joint}) > 1, joint  # rows left the batch at different steps
+
+
+def test_joint_greedy_stops_a_row_when_its_audio_has_no_frames_left(model):
+    """The CTC cannot emit more labels than frames: a runaway decoder on a 2-frame clip is stopped by eot, which
+    is always a candidate, instead of losing the CTC's guidance and running to max_new_tokens."""
+    xa, _ = encoded(model, batch=2)
+    mask = torch.zeros(2, xa.shape[1], dtype=torch.bool)
+    mask[0, :2], mask[1, :] = True, True
+    plain = decode.greedy_decode(model, xa, mask, PROMPTS[:2], EOT, 12, SUPPRESS)
+    joint = decode.greedy_decode(model, xa, mask, PROMPTS[:2], EOT, 12, SUPPRESS, ctc_weight=0.5)
+    assert len(plain[0]) == 12  # the decoder alone runs to the cap
+    assert 1 <= len(joint[0]) <= 2, joint
 
 
 def test_joint_greedy_follows_the_ctc_when_it_dominates(model):
@@ -124,3 +149,9 @@ def test_joint_greedy_refuses_without_a_head_or_with_specials_allowed(model):
         decode.greedy_decode(Whisper(DIMS).eval(), xa, mask, PROMPTS[:1], EOT, 4, SUPPRESS, ctc_weight=0.5)
     with pytest.raises(ValueError, match="suppress the other specials"):
         decode.greedy_decode(model, xa, mask, PROMPTS[:1], EOT, 4, (), ctc_weight=0.5, ctc_candidates=DIMS.n_vocab)
+    # more candidates than allowed tokens: the suppressed ones come last, at -inf, and are not an error
+    assert decode.greedy_decode(model, xa, mask, PROMPTS[:1], EOT, 4, SUPPRESS, ctc_weight=0.5,
+                                ctc_candidates=DIMS.n_vocab)
+    with pytest.raises(ValueError, match="fewer than the 150 text tokens"):
+        small = Whisper(DIMS, ctc=True, ctc_vocab=100).eval()
+        decode.greedy_decode(small, xa, mask, PROMPTS[:1], EOT, 4, SUPPRESS, ctc_weight=0.5)

@@ -63,7 +63,7 @@ def test_end_to_end_prints_scores_and_writes_results(trained):
     table = lines[lines.index(f"{'language':>8} {'n':>5} {'CER':>7} {'WER':>7} {'LID':>7}"):]
     assert [r.split()[:2] for r in table[1:5]] == [["el", "3"], ["en", "3"], ["ru", "3"], ["all", "9"]]
     assert table[5].startswith("mean over languages: CER")
-    assert "decoded jointly with the CTC head (--eval_ctc_weight=0.5); the decoder alone" in proc.stdout
+    assert "the table: decoded jointly with the CTC head (--eval_ctc_weight=0.5); the decoder alone" in proc.stdout
     assert f"checkpoint: {step_file(out, STEPS)}" in proc.stdout
 
     results = json.loads((out / "results.json").read_text())

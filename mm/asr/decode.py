@@ -449,11 +449,13 @@ NEG_INF = -1e30  # finite, so that NEG_INF - NEG_INF is not nan
 
 def ctc_frame_log_probs(model: Whisper, audio_features: Tensor, audio_mask: Tensor | None) -> Tensor:
     """log_softmax of the CTC head over the frames [B, T', V + 1] (float32), blank last. Frames past a row's
-    end are made blank with probability 1, so they change no prefix's probability."""
+    end are made blank with probability 1, so they change no prefix's probability; frames past every row's end
+    are dropped (the prefix recursion loops over frames)."""
     lp = model.ctc_head(audio_features).float().log_softmax(-1)
     if audio_mask is not None:
         lp = lp.masked_fill(~audio_mask[..., None], NEG_INF)
         lp[..., -1] = lp[..., -1].masked_fill(~audio_mask, 0.0)
+        lp = lp[:, :max(int(audio_mask.sum(1).max()), 1)]
     return lp
 
 
@@ -466,6 +468,7 @@ class CTCPrefixState:
     r_b: Tensor  # [B, T]
     score: Tensor  # [B] log P(any CTC output that begins with the prefix)
     last: Tensor  # [B] last label, -1 for the empty prefix
+    length: int = 0  # labels in the prefix (the same for every row: greedy rows advance together)
 
     @classmethod
     def start(cls, log_probs: Tensor) -> CTCPrefixState:
@@ -475,12 +478,15 @@ class CTCPrefixState:
                    torch.full((batch,), -1, dtype=torch.long, device=log_probs.device))
 
     def select_rows(self, rows: Tensor) -> CTCPrefixState:
-        return CTCPrefixState(*(x[rows] for x in (self.log_probs, self.r_n, self.r_b, self.score, self.last)))
+        return CTCPrefixState(*(x[rows] for x in (self.log_probs, self.r_n, self.r_b, self.score, self.last)),
+                              self.length)
 
     def extend(self, candidates: Tensor, eot: int) -> tuple[Tensor, Tensor, Tensor]:
         """Scores of prefix + c for candidates [B, K] (ids below the blank, or eot: the prefix as the whole
         output). Returns (score [B, K], r_n [B, T, K], r_b [B, T, K]). A Python loop over the frames, as
-        the recursion needs: ~T small ops a token, fine for clips; long-form 30 s windows would pay ~1,500."""
+        the recursion needs: ~T small ops a token (T: the longest row's frames), fine for clips; inputs padded
+        to 30 s without a mask (pad_to_30s) pay ~1,500 a token. A prefix of L labels cannot end before frame
+        L - 1, so the loop starts at frame max(L, 1), as ESPnet's CTCPrefixScore does."""
         lp, blank = self.log_probs, self.log_probs.shape[-1] - 1
         batch, frames, k = lp.shape[0], lp.shape[1], candidates.shape[1]
         c = candidates.clamp(max=blank - 1)
@@ -493,7 +499,7 @@ class CTCPrefixState:
         r_b = torch.full_like(r_n, NEG_INF)
         empty = (self.last < 0)[:, None]
         r_n[:, 0] = torch.where(empty, lp_c[:, 0], NEG_INF)
-        for t in range(1, frames):
+        for t in range(max(self.length, 1), frames):
             r_n[:, t] = torch.logaddexp(r_n[:, t - 1], phi[:, t - 1]) + lp_c[:, t]
             r_b[:, t] = torch.logaddexp(r_b[:, t - 1], r_n[:, t - 1]) + lp_blank[:, t]
         score = torch.logsumexp(torch.cat([r_n[:, :1], phi[:, :-1] + lp_c[:, 1:]], 1), 1)
@@ -506,6 +512,7 @@ class CTCPrefixState:
         self.r_n, self.r_b = r_n.gather(2, pick)[..., 0], r_b.gather(2, pick)[..., 0]
         self.score = scores.gather(1, choice[:, None])[:, 0]
         self.last = candidates.gather(1, choice[:, None])[:, 0]
+        self.length += 1
 
 
 @torch.no_grad()
@@ -520,8 +527,10 @@ def greedy_decode(model: Whisper, audio_features: Tensor, audio_mask: Tensor | N
     and without eot.
 
     ctc_weight > 0 (a model with a CTC head; text only: timestamps and other specials must be suppressed)
-    decodes jointly, as ESPnet does: of the decoder's `ctc_candidates` likeliest next tokens, the one with the
-    best (1 - ctc_weight) x log P_decoder + ctc_weight x (its CTC prefix score - the prefix's) is taken. The
+    decodes jointly, as ESPnet does: of the decoder's `ctc_candidates` likeliest next tokens, eot always among
+    them, the one with the best (1 - ctc_weight) x log P_decoder + ctc_weight x (its CTC prefix score - the
+    prefix's) is taken. (eot always: a looping decoder rarely ranks it high, and without it a row whose audio
+    has no frames left for another token would lose the CTC's guidance and run to max_new_tokens.) The
     CTC keeps the decoder to what the audio holds: on the built-in corpus it stops the repeated and skipped
     words of a young model (held-out CER 0.66 -> 0.36 at 0.5, benchmarks/RESULTS.md)."""
     batch, n_prompt = prompts.shape
@@ -532,6 +541,9 @@ def greedy_decode(model: Whisper, audio_features: Tensor, audio_mask: Tensor | N
     if ctc_weight > 0:
         if model.ctc_head is None:
             raise ValueError("ctc_weight > 0 needs a model with a CTC head (trained with --ctc_weight > 0)")
+        if model.ctc_blank < eot:
+            raise ValueError(f"the CTC head has {model.ctc_blank} labels, fewer than the {eot} text tokens before "
+                             f"eot: it was not trained on this tokenizer's text tokens")
         ctc = CTCPrefixState.start(ctc_frame_log_probs(model, audio_features, audio_mask))
     results: list[list[int]] = [[] for _ in range(batch)]
     rows = list(range(batch))  # which original row each current batch row is
@@ -545,7 +557,8 @@ def greedy_decode(model: Whisper, audio_features: Tensor, audio_mask: Tensor | N
         else:
             log_probs = logits.float().log_softmax(-1)
             top = log_probs.topk(min(ctc_candidates, log_probs.shape[-1]), dim=-1).indices
-            if bool((top > eot).any()):
+            top[:, -1] = torch.where((top == eot).any(-1), top[:, -1], eot)
+            if bool(((top > eot) & log_probs.gather(1, top).isfinite()).any()):
                 raise ValueError("joint CTC decoding scores text tokens and eot only: suppress the other specials")
             scores, r_n, r_b = ctc.extend(top, eot)
             joint = (1 - ctc_weight) * log_probs.gather(1, top) + ctc_weight * (scores - ctc.score[:, None])
