@@ -558,10 +558,11 @@ def greedy_decode(model: Whisper, audio_features: Tensor, audio_mask: Tensor | N
             log_probs = logits.float().log_softmax(-1)
             top = log_probs.topk(min(ctc_candidates, log_probs.shape[-1]), dim=-1).indices
             top[:, -1] = torch.where((top == eot).any(-1), top[:, -1], eot)
-            if bool(((top > eot) & log_probs.gather(1, top).isfinite()).any()):
+            top_log_probs = log_probs.gather(1, top)
+            if bool(((top > eot) & top_log_probs.isfinite()).any()):
                 raise ValueError("joint CTC decoding scores text tokens and eot only: suppress the other specials")
             scores, r_n, r_b = ctc.extend(top, eot)
-            joint = (1 - ctc_weight) * log_probs.gather(1, top) + ctc_weight * (scores - ctc.score[:, None])
+            joint = (1 - ctc_weight) * top_log_probs + ctc_weight * (scores - ctc.score[:, None])
             choice = joint.argmax(dim=-1)
             next_tokens = top.gather(1, choice[:, None])[:, 0]
             ctc.advance(top, choice, scores, r_n, r_b)

@@ -6,9 +6,9 @@ factor, two ways.
     print(format_eval(result))                                                   # python -m mm.asr eval
 
 evaluate_asr is the recipe's: batched greedy decoding of whole clips (jointly with the CTC head if asked), no
-timestamps, every rank decoding its slice (rank 0's result covers all of them). evaluate_transcriber decodes as a user's transcription does
-(Transcriber: long-form windows, timestamps, temperature fallback, the checkpoint's settings) and also
-returns the worst utterances.
+timestamps, every rank decoding its slice (rank 0's result covers all of them). evaluate_transcriber decodes as
+a user's transcription does (Transcriber: long-form windows, timestamps, temperature fallback, the checkpoint's
+settings) and also returns the worst utterances.
 """
 from __future__ import annotations
 

@@ -372,7 +372,8 @@ def main(argv: list[str]) -> dict:
         if "cer_mean_decoder_alone" in results:
             print(f"the table: decoded jointly with the CTC head (--eval_ctc_weight={cfg.eval_ctc_weight:g}); the "
                   f"decoder alone, as the exports decode in transformers or openai-whisper: CER "
-                  f"{results['cer_mean_decoder_alone']:.4f} (mean over languages), WER {results['wer_decoder_alone']:.4f}")
+                  f"{results['cer_mean_decoder_alone']:.4f} (mean over languages), "
+                  f"WER {results['wer_decoder_alone']:.4f}")
         print(f"checkpoint: {last_ckpt}\nexport: {export / 'hf'} (Hugging Face), {export / 'whisper.pt'} (openai-whisper)")
     close_distributed()
     return results
