@@ -442,17 +442,26 @@ def make_loader(dataset: ShardStream, num_workers: int, position: LoaderPosition
 
 
 def iterate_eval_batches(spec: str, decode: Callable[[dict], Any], collate: Callable[[list], Any],
-                         batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
+                         batch_size: int, rank: int = 0, world_size: int = 1,
+                         sort_key: Callable[[Any], Any] | None = None, sort_window: int = 16) -> Iterator[Any]:
     """Every sample of a (small, held-out) spec once, in order, in batches; bad samples skipped.
-    With several ranks, rank r takes samples r, r + world_size, ... (the others are read, not decoded)."""
+    With several ranks, rank r takes samples r, r + world_size, ... (the others are read, not decoded).
+    sort_key: each run of sort_window x batch_size decoded samples is sorted by it before batching (e.g. by
+    duration, so that a batch's clips are padded to similar lengths): the order changes, the samples do not."""
     counts = dict.fromkeys(COUNTS, 0)
     urls = [u for s in expand_shard_spec(spec) for u in s.urls]
     raw = ((0, i, s) for i, s in enumerate(read_samples(urls, counts)) if i % world_size == rank)
+    window = batch_size * (sort_window if sort_key is not None else 1)
     buf = []
     for _, _, _, item in decode_samples(raw, decode, counts):
         buf.append(item)
-        if len(buf) == batch_size:
-            yield collate(buf)
+        if len(buf) == window:
+            yield from _batches(buf, batch_size, collate, sort_key)
             buf = []
-    if buf:
-        yield collate(buf)
+    yield from _batches(buf, batch_size, collate, sort_key)
+
+
+def _batches(items: list, batch_size: int, collate: Callable[[list], Any], sort_key) -> Iterator[Any]:
+    items = sorted(items, key=sort_key) if sort_key is not None else items
+    for i in range(0, len(items), batch_size):
+        yield collate(items[i:i + batch_size])

@@ -1,5 +1,5 @@
-"""Joint CTC/attention greedy decoding (mm.asr.decode.CTCPrefixState, greedy_decode(ctc_weight=...)): the prefix
-scores against brute force and against F.ctc_loss, and the decoder on a tiny random model."""
+"""Joint CTC/attention decoding (mm.asr.decode.CTCPrefixState, greedy_decode(ctc_weight=...), joint_beam_search):
+the prefix scores against brute force and against F.ctc_loss, and the searches on a tiny random model."""
 import itertools
 import math
 
@@ -155,3 +155,77 @@ def test_joint_greedy_refuses_without_a_head_or_with_specials_allowed(model):
     with pytest.raises(ValueError, match="fewer than the 150 text tokens"):
         small = Whisper(DIMS, ctc=True, ctc_vocab=100).eval()
         decode.greedy_decode(small, xa, mask, PROMPTS[:1], EOT, 4, SUPPRESS, ctc_weight=0.5)
+
+
+# ---------------------------------------------------------------- joint beam search
+
+def eot_likelier(model, monkeypatch, bias=4.0):
+    """Make eot likelier, so that hypotheses end at different steps (a random model seldom says it)."""
+    logits = model.logits
+    monkeypatch.setattr(model, "logits", lambda *a, **k: logits(*a, **k) + bias * (torch.arange(DIMS.n_vocab) == EOT))
+
+
+@torch.no_grad()
+def joint_score(model, xa, mask, prompt, tokens, ended, ctc_weight, bonus):
+    """The score joint_beam_search gives a hypothesis, from scratch: (1 - w) x the decoder's log probabilities of
+    its tokens (and eot if it ended), teacher-forced with the specials suppressed, + w x its CTC score (-ctc_loss
+    if it ended, else its prefix score) + bonus x its length."""
+    seq = torch.tensor([prompt + tokens])
+    logits = model.logits(seq, xa, mask)[0, len(prompt) - 1:].float()
+    logits[:, SUPPRESS] = float("-inf")
+    log_probs = logits.log_softmax(-1)
+    targets = tokens + [EOT] if ended else tokens
+    decoder = sum(float(log_probs[i, t]) for i, t in enumerate(targets))
+    state = decode.CTCPrefixState.start(decode.ctc_frame_log_probs(model, xa, mask))
+    ctc = grow(state, tokens, EOT)[-1 if ended else -2] if tokens or ended else 0.0
+    return (1 - ctc_weight) * decoder + ctc_weight * ctc + bonus * len(tokens)
+
+
+def test_joint_beam_of_one_without_bonus_is_joint_greedy(model, monkeypatch):
+    xa, mask = encoded(model)
+    eot_likelier(model, monkeypatch)
+    greedy = decode.greedy_decode(model, xa, mask, PROMPTS, EOT, 12, SUPPRESS, ctc_weight=0.5, ctc_candidates=8)
+    beam, _ = decode.joint_beam_search(model, xa, mask, PROMPTS, EOT, 12, SUPPRESS, ctc_weight=0.5, beam_size=1,
+                                       ctc_candidates=8, length_bonus=0.0)
+    assert beam == greedy and len({len(r) for r in beam}) > 1, beam
+
+
+@pytest.mark.parametrize("bonus", [0.0, 1.5])
+def test_joint_beam_scores_are_the_hypotheses_joint_scores_and_windows_decode_as_alone(model, monkeypatch, bonus):
+    xa, mask = encoded(model)
+    eot_likelier(model, monkeypatch)
+    tokens, scores = decode.joint_beam_search(model, xa, mask, PROMPTS, EOT, 12, SUPPRESS, beam_size=4,
+                                              length_bonus=bonus)
+    for i in range(3):
+        row = slice(i, i + 1)
+        ended = len(tokens[i]) < 12  # a hypothesis cut at max_new_tokens is scored as a prefix
+        want = joint_score(model, xa[row], mask[row], PROMPTS[i].tolist(), tokens[i], ended, 0.5, bonus)
+        assert scores[i] == pytest.approx(want, abs=1e-3), i
+        alone, alone_scores = decode.joint_beam_search(model, xa[row], mask[row], PROMPTS[row], EOT, 12, SUPPRESS,
+                                                       beam_size=4, length_bonus=bonus)
+        assert alone == [tokens[i]] and alone_scores[0] == pytest.approx(scores[i], abs=1e-4)
+    assert len({len(r) for r in tokens}) > 1, tokens  # windows ended at different steps and left the batch
+    greedy, greedy_scores = decode.joint_beam_search(model, xa, mask, PROMPTS, EOT, 12, SUPPRESS, beam_size=1,
+                                                     length_bonus=bonus)
+    assert all(b >= g - 1e-4 for b, g in zip(scores, greedy_scores))  # the beams found at least greedy's
+    assert scores != pytest.approx(greedy_scores)  # and better somewhere
+
+
+def test_joint_beam_length_bonus_lengthens_the_hypotheses(model, monkeypatch):
+    xa, mask = encoded(model)
+    eot_likelier(model, monkeypatch, bias=6.0)
+    short, _ = decode.joint_beam_search(model, xa, mask, PROMPTS, EOT, 12, SUPPRESS, beam_size=4, length_bonus=0.0)
+    long, _ = decode.joint_beam_search(model, xa, mask, PROMPTS, EOT, 12, SUPPRESS, beam_size=4, length_bonus=5.0)
+    assert sum(map(len, long)) > sum(map(len, short)), (short, long)
+
+
+def test_joint_beam_refuses_bad_settings(model):
+    xa, mask = encoded(model, batch=1)
+    for kwargs, match in [({"ctc_weight": 0.0}, "ctc_weight"), ({"ctc_weight": 1.0}, "ctc_weight"),
+                          ({"beam_size": 0}, "beam_size")]:
+        with pytest.raises(ValueError, match=match):
+            decode.joint_beam_search(model, xa, mask, PROMPTS[:1], EOT, 4, SUPPRESS, **kwargs)
+    with pytest.raises(ValueError, match="CTC head"):
+        decode.joint_beam_search(Whisper(DIMS).eval(), xa, mask, PROMPTS[:1], EOT, 4, SUPPRESS)
+    with pytest.raises(ValueError, match="suppress the other specials"):
+        decode.joint_beam_search(model, xa, mask, PROMPTS[:1], EOT, 4, (), ctc_candidates=DIMS.n_vocab)

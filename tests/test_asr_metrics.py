@@ -121,7 +121,8 @@ def test_evaluate_asr_transcribes_in_the_detected_or_the_given_language(corpus, 
     monkeypatch.setattr(evaluate, "transcribe_features",
                         lambda m, t, f, mask, langs, n, *w: asked.append(list(langs)) or real(m, t, f, mask, langs, n, *w))
     decode = asr_decoder(tokenizer, train=False)
-    batch = next(iterate_eval_batches(str(corpus / "heldout"), decode, asr_collate(tokenizer.eot), 9))
+    batch = next(iterate_eval_batches(str(corpus / "heldout"), decode, asr_collate(tokenizer.eot), 9,
+                                      sort_key=lambda sample: sample["duration"]))  # as evaluate_asr batches them
     with torch.no_grad():
         features, mask = model.embed_audio(batch["mel"], batch["mel_lengths"])
         best, _ = detect_language(model, features, mask, tokenizer.sot, tokenizer.language_token_ids)
@@ -158,3 +159,40 @@ def test_transcribe_batch_uses_given_languages_and_detects_otherwise(corpus, tok
     _, languages = evaluate.transcribe_batch(model, tokenizer, batch["mel"], batch["mel_lengths"], max_new_tokens=3)
     assert languages == [tokenizer.languages[i] for i in best.tolist()]
     assert prompts[-1][:, 1].tolist() == [tokenizer.language_token(lang) for lang in languages]
+
+
+def test_transcribe_jointly_chooses_the_language_with_the_transcript(corpus, tokenizer, monkeypatch):
+    """A clip sure of its language (P >= 0.9) is decoded once; an unsure one in each of its 3 likeliest, and the
+    best transcript score + (1 - w) x log P(language) wins: here the second likeliest."""
+    model = Whisper(dims_for("cpu_tiny", n_vocab=tokenizer.vocab_size), ctc=True, ctc_vocab=tokenizer.eot).eval()
+    probs = torch.zeros(2, len(tokenizer.languages))
+    lang = {code: i for i, code in enumerate(tokenizer.languages)}
+    probs[0, lang["en"]], probs[0, lang["ru"]] = 0.95, 0.05
+    probs[1, lang["ru"]], probs[1, lang["el"]], probs[1, lang["en"]] = 0.5, 0.3, 0.2
+    words = {"en": "the", "ru": "да", "el": "και"}
+    transcript_scores = {(0, "en"): -9.0, (1, "ru"): -10.0, (1, "el"): -9.5, (1, "en"): -5.0}
+    jobs = []
+
+    def fake_beam(model, features, mask, prompts, eot, max_new, suppress, ctc_weight, beam_size, length_bonus):
+        assert (ctc_weight, beam_size, length_bonus) == (0.5, 4, 2.0) and suppress == evaluate.text_only(tokenizer)
+        langs = [tokenizer.languages[tokenizer.language_token_ids.index(p[1])] for p in prompts.tolist()]
+        rows = [int(features[i, 0, 0]) for i in range(len(langs))]  # each job's clip, as marked below
+        jobs.extend(zip(rows, langs))
+        return ([tokenizer.encode(" " + words[code]) for code in langs],
+                [transcript_scores[(r, code)] for r, code in zip(rows, langs)])
+
+    monkeypatch.setattr(evaluate, "joint_beam_search", fake_beam)
+    features = torch.arange(2.0)[:, None, None].expand(2, 5, 4)  # clip i's features are all i
+    texts, languages = evaluate.transcribe_jointly(model, tokenizer, features, None, probs, None, 10, 0.5, 4, 2.0)
+    assert sorted(jobs) == [(0, "en"), (1, "el"), (1, "en"), (1, "ru")]
+    # clip 1: ru -10 + 0.5 ln 0.5 = -10.35, el -9.5 + 0.5 ln 0.3 = -10.10, en -5 + 0.5 ln 0.2 = -5.80
+    assert (texts, languages) == (["the", "the"], ["en", "en"])
+    transcript_scores[(1, "en")] = -9.4  # better than el's -9.5 alone, but en's -10.20 loses to el's -10.10
+    jobs.clear()
+    texts, languages = evaluate.transcribe_jointly(model, tokenizer, features, None, probs, None, 10, 0.5, 4, 2.0)
+    assert (texts, languages) == (["the", "και"], ["en", "el"])
+    jobs.clear()  # languages given: one job per clip, in its language
+    transcript_scores[(0, "ru")] = -1.0
+    texts, languages = evaluate.transcribe_jointly(model, tokenizer, features, None, None, ["ru", "el"], 10, 0.5,
+                                                   4, 2.0)
+    assert sorted(jobs) == [(0, "ru"), (1, "el")] and languages == ["ru", "el"] and texts == ["да", "και"]

@@ -273,6 +273,19 @@ def test_eval_batches_cover_everything_in_order_across_ranks(shards, world_size)
         assert got == [i for i in range(20) if i != CORRUPT]
 
 
+def test_eval_batches_sorted_by_a_key_within_each_window(shards):
+    """sort_key orders each run of sort_window x batch_size samples (here 2 x 3 = 6), then batches them: the same
+    samples, each window's in key order."""
+    spec = str(shards / "part-{00..01}.tar")
+    key = lambda label: (length(label), label)  # noqa: E731
+    batches = [b.tolist() for b in iterate_eval_batches(spec, decode, collate, 3, sort_key=key, sort_window=2)]
+    labels = [i for i in range(20) if i != CORRUPT]
+    windows = [labels[i:i + 6] for i in range(0, len(labels), 6)]
+    want = [w for window in windows for w in sorted(window, key=key)]
+    assert [x for b in batches for x in b] == want != labels
+    assert [len(b) for b in batches] == [3, 3, 3, 3, 3, 3, 1]  # the last window's 1 left over is a batch of its own
+
+
 def test_http_shards_are_read_and_a_404_is_counted(shards):
     """Shards served over http:// (webdataset opens them with curl), one URL missing."""
     import http.server

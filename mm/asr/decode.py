@@ -14,8 +14,9 @@ same weights (tests/test_asr_decoding.py checks them token for token). Differenc
 - `mel_lengths` lets the encoder hear only each window's own frames (models trained on unpadded clips);
 - an empty candidate is scored as one token long instead of dividing by zero.
 
-`detect_language` and `greedy_decode` are the lean versions the training recipe's evaluation uses; greedy_decode
-can also decode jointly with the encoder's CTC head (`ctc_weight`, `CTCPrefixState`).
+`detect_language`, `greedy_decode` and `joint_beam_search` are the lean versions the training recipe's evaluation
+uses; greedy_decode can also decode jointly with the encoder's CTC head (`ctc_weight`, `CTCPrefixState`), and
+joint_beam_search is the beam search joint with it, as ESPnet's and OWSM's.
 """
 from __future__ import annotations
 
@@ -469,15 +470,22 @@ class CTCPrefixState:
     score: Tensor  # [B] log P(any CTC output that begins with the prefix)
     last: Tensor  # [B] last label, -1 for the empty prefix
     length: int = 0  # labels in the prefix (the same for every row: greedy rows advance together)
+    window: Tensor | None = None  # [B] each row's index into log_probs (None: row b is log_probs[b]), so that the
+    # beams of one window share its frames' log probabilities instead of copying them ([T, V + 1] each)
 
     @classmethod
-    def start(cls, log_probs: Tensor) -> CTCPrefixState:
-        batch, frames, _ = log_probs.shape
-        return cls(log_probs, torch.full((batch, frames), NEG_INF, device=log_probs.device),
-                   log_probs[..., -1].cumsum(1), torch.zeros(batch, device=log_probs.device),
-                   torch.full((batch,), -1, dtype=torch.long, device=log_probs.device))
+    def start(cls, log_probs: Tensor, window: Tensor | None = None) -> CTCPrefixState:
+        blank_run = log_probs[..., -1].cumsum(1)
+        blank_run = blank_run[window] if window is not None else blank_run
+        batch, frames = blank_run.shape
+        return cls(log_probs, torch.full((batch, frames), NEG_INF, device=log_probs.device), blank_run,
+                   torch.zeros(batch, device=log_probs.device),
+                   torch.full((batch,), -1, dtype=torch.long, device=log_probs.device), window=window)
 
     def select_rows(self, rows: Tensor) -> CTCPrefixState:
+        if self.window is not None:
+            return CTCPrefixState(self.log_probs, *(x[rows] for x in (self.r_n, self.r_b, self.score, self.last)),
+                                  self.length, self.window[rows])
         return CTCPrefixState(*(x[rows] for x in (self.log_probs, self.r_n, self.r_b, self.score, self.last)),
                               self.length)
 
@@ -488,10 +496,14 @@ class CTCPrefixState:
         to 30 s without a mask (pad_to_30s) pay ~1,500 a token. A prefix of L labels cannot end before frame
         L - 1, so the loop starts at frame max(L, 1), as ESPnet's CTCPrefixScore does."""
         lp, blank = self.log_probs, self.log_probs.shape[-1] - 1
-        batch, frames, k = lp.shape[0], lp.shape[1], candidates.shape[1]
+        batch, frames, k = self.r_n.shape[0], lp.shape[1], candidates.shape[1]
         c = candidates.clamp(max=blank - 1)
-        lp_c = lp.gather(2, c[:, None, :].expand(batch, frames, k))  # [B, T, K]
-        lp_blank = lp[..., blank][..., None]
+        if self.window is None:
+            lp_c = lp.gather(2, c[:, None, :].expand(batch, frames, k))  # [B, T, K]
+            lp_blank = lp[..., blank][..., None]
+        else:
+            lp_c = lp[self.window[:, None, None], torch.arange(frames, device=lp.device)[None, :, None], c[:, None, :]]
+            lp_blank = lp[self.window, :, blank][..., None]
         # paths into c: from the prefix ending in anything, or only in blank when c repeats its last label
         phi = torch.where((c == self.last[:, None])[:, None, :], self.r_b[..., None],
                           torch.logaddexp(self.r_b, self.r_n)[..., None])
@@ -513,6 +525,29 @@ class CTCPrefixState:
         self.score = scores.gather(1, choice[:, None])[:, 0]
         self.last = candidates.gather(1, choice[:, None])[:, 0]
         self.length += 1
+
+
+def joint_frame_log_probs(model: Whisper, audio_features: Tensor, audio_mask: Tensor | None, eot: int) -> Tensor:
+    """ctc_frame_log_probs, after checking that the model's CTC head can score this tokenizer's text."""
+    if model.ctc_head is None:
+        raise ValueError("ctc_weight > 0 needs a model with a CTC head (trained with --ctc_weight > 0)")
+    if model.ctc_blank < eot:
+        raise ValueError(f"the CTC head has {model.ctc_blank} labels, fewer than the {eot} text tokens before "
+                         f"eot: it was not trained on this tokenizer's text tokens")
+    return ctc_frame_log_probs(model, audio_features, audio_mask)
+
+
+def joint_candidates(logits: Tensor, k: int, eot: int) -> tuple[Tensor, Tensor]:
+    """The decoder's k likeliest next tokens per row, eot always among them (in the last place if not already
+    in), and their log probabilities: ([N, k] ids, [N, k] float). ValueError if a special token other than
+    eot could be chosen: the CTC head scores text only, so the caller must suppress the others."""
+    log_probs = logits.float().log_softmax(-1)
+    top = log_probs.topk(min(k, log_probs.shape[-1]), dim=-1).indices
+    top[:, -1] = torch.where((top == eot).any(-1), top[:, -1], eot)
+    top_log_probs = log_probs.gather(1, top)
+    if bool(((top > eot) & top_log_probs.isfinite()).any()):
+        raise ValueError("joint CTC decoding scores text tokens and eot only: suppress the other specials")
+    return top, top_log_probs
 
 
 @torch.no_grad()
@@ -539,12 +574,7 @@ def greedy_decode(model: Whisper, audio_features: Tensor, audio_mask: Tensor | N
     suppress_ids = torch.as_tensor(list(suppress), dtype=torch.long, device=prompts.device)
     ctc = None
     if ctc_weight > 0:
-        if model.ctc_head is None:
-            raise ValueError("ctc_weight > 0 needs a model with a CTC head (trained with --ctc_weight > 0)")
-        if model.ctc_blank < eot:
-            raise ValueError(f"the CTC head has {model.ctc_blank} labels, fewer than the {eot} text tokens before "
-                             f"eot: it was not trained on this tokenizer's text tokens")
-        ctc = CTCPrefixState.start(ctc_frame_log_probs(model, audio_features, audio_mask))
+        ctc = CTCPrefixState.start(joint_frame_log_probs(model, audio_features, audio_mask, eot))
     results: list[list[int]] = [[] for _ in range(batch)]
     rows = list(range(batch))  # which original row each current batch row is
     cache, tokens = KVCache(), prompts
@@ -555,12 +585,7 @@ def greedy_decode(model: Whisper, audio_features: Tensor, audio_mask: Tensor | N
         if ctc is None:
             next_tokens = logits.argmax(dim=-1)
         else:
-            log_probs = logits.float().log_softmax(-1)
-            top = log_probs.topk(min(ctc_candidates, log_probs.shape[-1]), dim=-1).indices
-            top[:, -1] = torch.where((top == eot).any(-1), top[:, -1], eot)
-            top_log_probs = log_probs.gather(1, top)
-            if bool(((top > eot) & top_log_probs.isfinite()).any()):
-                raise ValueError("joint CTC decoding scores text tokens and eot only: suppress the other specials")
+            top, top_log_probs = joint_candidates(logits, ctc_candidates, eot)
             scores, r_n, r_b = ctc.extend(top, eot)
             joint = (1 - ctc_weight) * top_log_probs + ctc_weight * (scores - ctc.score[:, None])
             choice = joint.argmax(dim=-1)
@@ -581,3 +606,85 @@ def greedy_decode(model: Whisper, audio_features: Tensor, audio_mask: Tensor | N
             ctc = ctc.select_rows(keep) if ctc is not None else None
         tokens = next_tokens[:, None]
     return results
+
+
+@torch.no_grad()
+def joint_beam_search(model: Whisper, audio_features: Tensor, audio_mask: Tensor | None, prompts: Tensor, eot: int,
+                      max_new_tokens: int, suppress: Sequence[int] = (), ctc_weight: float = 0.5, beam_size: int = 8,
+                      ctc_candidates: int = 16, length_bonus: float = 1.5) -> tuple[list[list[int]], list[float]]:
+    """Beam search joint with the encoder's CTC head, as ESPnet and OWSM decode (Watanabe et al. 2017), for a
+    batch of windows: audio_features [B, T', D], audio_mask [B, T'] or None, prompts [B, P] (e.g. [sot,
+    language, transcribe, notimestamps]); the `suppress` ids must leave text tokens and eot only.
+
+    A hypothesis scores (1 - ctc_weight) x the sum of its decoder log probabilities + ctc_weight x its CTC
+    prefix score (the whole-output score once it ends) + length_bonus x its tokens (eot not counted: without
+    a bonus the search prefers hypotheses that stop early). Each step expands every beam by the decoder's
+    `ctc_candidates` likeliest tokens (eot always among them) and keeps the `beam_size` best expansions; those
+    that end in eot are finished. A window stops when no running hypothesis scores above its best finished one,
+    or at max_new_tokens (its running ones then count as finished), and leaves the batch. Returns, per window,
+    the best hypothesis (generated ids, without the prompt and eot) and its score. beam_size=1 with
+    length_bonus=0 is greedy_decode(ctc_weight=...)."""
+    if not 0 < ctc_weight < 1:
+        raise ValueError(f"ctc_weight must be in (0, 1) for joint beam search, got {ctc_weight}")
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be at least 1, got {beam_size}")
+    batch, n_prompt = prompts.shape
+    max_new_tokens = min(max_new_tokens, model.dims.n_text_ctx - n_prompt + 1)
+    device, k = prompts.device, beam_size
+    rows = torch.arange(batch, device=device).repeat_interleave(k)  # window r's beams are rows r*k .. r*k+k-1
+    ctc = CTCPrefixState.start(joint_frame_log_probs(model, audio_features, audio_mask, eot), window=rows)
+    features, mask = audio_features[rows], audio_mask[rows] if audio_mask is not None else None
+    suppress_ids = torch.as_tensor(list(suppress), dtype=torch.long, device=device)
+    att = torch.zeros(batch, k, device=device)
+    att[:, 1:] = NEG_INF  # one live beam to start with: the others are empty slots until the first expansion
+    att = att.view(-1)
+    windows = list(range(batch))  # which window each group of k rows decodes
+    history = torch.zeros(batch * k, 0, dtype=torch.long, device=device)
+    best_scores, best_tokens = [-math.inf] * batch, [[] for _ in range(batch)]
+    cache, tokens = KVCache(), prompts[rows]
+    for step in range(max_new_tokens):
+        groups = len(windows)
+        logits = model.logits(tokens, features, mask, cache)[:, -1]
+        if len(suppress_ids):
+            logits[:, suppress_ids] = float("-inf")
+        top, top_log_probs = joint_candidates(logits, ctc_candidates, eot)  # [groups * k, c]
+        scores, r_n, r_b = ctc.extend(top, eot)
+        att_next = att[:, None] + top_log_probs
+        total = (1 - ctc_weight) * att_next + ctc_weight * scores + length_bonus * (step + (top != eot))
+        c = top.shape[1]
+        best, pick = total.view(groups, k * c).topk(k, dim=1)  # [groups, k]
+        parent = pick.div(c, rounding_mode="floor") + torch.arange(groups, device=device)[:, None] * k
+        choice = pick % c
+        chosen = top[parent, choice]
+        live = (att_next[parent, choice] > NEG_INF / 2) & (scores[parent, choice] > NEG_INF / 2)
+        last = step == max_new_tokens - 1
+        ended = live & ((chosen == eot) | last)
+        finished = torch.where(ended, best, float("-inf")).max(1)
+        for g in (finished.values > torch.tensor([best_scores[w] for w in windows], device=device)).nonzero()[:, 0]:
+            g, j = int(g), int(finished.indices[g])
+            tokens_so_far = history[parent[g, j]].tolist()
+            best_scores[windows[g]] = float(finished.values[g])
+            best_tokens[windows[g]] = tokens_so_far + ([] if int(chosen[g, j]) == eot else [int(chosen[g, j])])
+        running = live & ~ended
+        run_best = torch.where(running, best, float("-inf")).max(1).values
+        going = (run_best > torch.tensor([best_scores[w] for w in windows], device=device)) & running.any(1)
+        if last or not bool(going.any()):
+            break
+        keep = going.nonzero()[:, 0]
+        parent, choice, running = parent[keep].view(-1), choice[keep].view(-1), running[keep].view(-1)
+        att = torch.where(running, att_next[parent, choice], NEG_INF)
+        left = len(keep) < groups
+        kept_rows = (keep[:, None] * k + torch.arange(k, device=device)).view(-1)  # the groups that go on
+        ctc = CTCPrefixState(ctc.log_probs, r_n[parent, :, choice], r_b[parent, :, choice], scores[parent, choice],
+                             top[parent, choice], ctc.length + 1, ctc.window[parent])
+        history = torch.cat([history[parent], top[parent, choice][:, None]], dim=1)
+        # a beam's reorder stays within its window, whose rows share the audio: cross-attention keys and values
+        # only need gathering when windows leave
+        cache.layers = [{name: v[parent] if name.startswith("self_") else v[kept_rows] if left else v
+                         for name, v in layer.items()} for layer in cache.layers]
+        if left:
+            features = features[kept_rows]
+            mask = mask[kept_rows] if mask is not None else None
+            windows = [windows[g] for g in keep.tolist()]
+        tokens = history[:, -1:]
+    return best_tokens, best_scores

@@ -104,7 +104,10 @@ class ASRConfig:
     eval_every: int = 900  # steps between evaluations (0: only at the end)
     eval_batch_size: int = 64  # utterances per decoding batch
     eval_language: Literal["detect", "given"] = "detect"  # transcribe in the detected language, or the labelled one
-    eval_ctc_weight: float = 0.5  # greedy decoding joint with the CTC head, as ESPnet (0: decoder alone; no head: 0)
+    eval_ctc_weight: float = 0.5  # decoding joint with the CTC head, as ESPnet (0: decoder alone; no head: 0)
+    eval_beam_size: int = 6  # the final evaluation's joint beam search (1: greedy, as the evaluations on the way)
+    eval_length_bonus: float = 1.5  # added per token to a beam's score (without it, short hypotheses win)
+    eval_languages_tried: int = 3  # final evaluation: a clip's language is chosen with its transcript among these
     log_every: int = 50  # steps between metrics.jsonl rows
     tensorboard: bool = True  # also log to <out_dir>/tensorboard
     wandb_project: str | None = None  # log to this wandb project (needs `pip install wandb`)
@@ -122,6 +125,9 @@ def check_config(cfg: ASRConfig) -> None:
         raise ConfigError("--ctc_weight must be in [0, 1), --timestamp_prob and --noise_prob in [0, 1]")
     if not 0 <= cfg.eval_ctc_weight < 1:
         raise ConfigError(f"--eval_ctc_weight must be in [0, 1), got {cfg.eval_ctc_weight}")
+    if cfg.eval_beam_size < 1 or cfg.eval_languages_tried < 1:
+        raise ConfigError(f"--eval_beam_size and --eval_languages_tried must be at least 1, got "
+                          f"{cfg.eval_beam_size} and {cfg.eval_languages_tried}")
     if (cfg.pad_to_30s == "true" or (cfg.pad_to_30s == "auto" and cfg.init_from)) and cfg.max_batch_seconds < 30:
         raise ConfigError(f"inputs padded to 30 s (--pad_to_30s={cfg.pad_to_30s}{', with --init_from' if cfg.init_from else ''}) "
                           f"count 30 s each: --max_batch_seconds={cfg.max_batch_seconds:g} fits none; use 30 x the "
@@ -303,10 +309,15 @@ def main(argv: list[str]) -> dict:
                                     keep=cfg.keep_checkpoints, data_seed=data_seed, scaler=precision.scaler,
                                     extra={"dims": dataclasses.asdict(dims)}))
 
-    def evaluate() -> dict:
+    ctc_weight = cfg.eval_ctc_weight if cfg.ctc_weight else 0.0
+    beam_size = cfg.eval_beam_size if ctc_weight else 1  # the beam search is the joint one
+
+    def evaluate(final: bool) -> dict:
+        """Greedy on the way; the final evaluation by beam search, as ESPnet's and OWSM's (several times slower)."""
         return evaluate_asr(model, tokenizer, cfg.eval_data, d.device, dims.n_mels, cfg.eval_batch_size,
                             cfg.max_seconds, pad_to_30s, cfg.eval_language, rank=d.rank, world_size=d.world_size,
-                            autocast=precision.autocast, ctc_weight=cfg.eval_ctc_weight if cfg.ctc_weight else 0.0)
+                            autocast=precision.autocast, ctc_weight=ctc_weight, beam_size=beam_size if final else 1,
+                            length_bonus=cfg.eval_length_bonus, languages_tried=cfg.eval_languages_tried)
 
     # --- the loop
     from tqdm import tqdm
@@ -346,7 +357,7 @@ def main(argv: list[str]) -> dict:
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             last_ckpt = save(step)
         if cfg.eval_data and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-            results = evaluate()  # every rank decodes its slice
+            results = evaluate(final=step == cfg.max_steps)  # every rank decodes its slice
             metrics.log(step, {k: v for k, v in results.items() if isinstance(v, (int, float))})
             alone = (f" (decoder alone: CER {results['cer_mean_decoder_alone']:.4f})"
                      if "cer_mean_decoder_alone" in results else "")
@@ -370,10 +381,14 @@ def main(argv: list[str]) -> dict:
         if "cer" in results:
             print(format_scores(results))
         if "cer_mean_decoder_alone" in results:
-            print(f"the table: decoded jointly with the CTC head (--eval_ctc_weight={cfg.eval_ctc_weight:g}); the "
-                  f"decoder alone, as the exports decode in transformers or openai-whisper: CER "
-                  f"{results['cer_mean_decoder_alone']:.4f} (mean over languages), "
-                  f"WER {results['wer_decoder_alone']:.4f}")
+            how = (f"beam search ({beam_size} beams, length bonus {cfg.eval_length_bonus:g}) joint with the CTC head "
+                   f"(--eval_ctc_weight={cfg.eval_ctc_weight:g})" if beam_size > 1 else
+                   f"greedy, joint with the CTC head (--eval_ctc_weight={cfg.eval_ctc_weight:g})")
+            lid = (f", each clip's language chosen with its transcript among the {cfg.eval_languages_tried} likeliest"
+                   if beam_size > 1 and cfg.eval_language == "detect" and cfg.eval_languages_tried > 1 else "")
+            print(f"the table: decoded by {how}{lid}; the decoder alone, greedy, as the exports decode in "
+                  f"transformers or openai-whisper: CER {results['cer_mean_decoder_alone']:.4f} (mean over "
+                  f"languages), WER {results['wer_decoder_alone']:.4f}, LID {results['lid_acc_decoder_alone']:.4f}")
         print(f"checkpoint: {last_ckpt}\nexport: {export / 'hf'} (Hugging Face), {export / 'whisper.pt'} (openai-whisper)")
     close_distributed()
     return results
