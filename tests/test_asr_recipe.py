@@ -64,8 +64,8 @@ def test_end_to_end_prints_scores_and_writes_results(trained):
     assert [r.split()[:2] for r in table[1:5]] == [["el", "3"], ["en", "3"], ["ru", "3"], ["all", "9"]]
     assert table[5].startswith("mean over languages: CER")
     assert ("the table: decoded by beam search (6 beams, length bonus 1.5) joint with the CTC head "
-            "(--eval_ctc_weight=0.5), each clip's language chosen with its transcript among the 3 likeliest; the "
-            "decoder alone, greedy" in proc.stdout)
+            "(--eval_ctc_weight=0.5), the language of a clip unsure of it (P < 0.9) chosen with its transcript "
+            "among the 3 likeliest; the decoder alone, greedy" in proc.stdout)
     assert f"checkpoint: {step_file(out, STEPS)}" in proc.stdout
 
     results = json.loads((out / "results.json").read_text())

@@ -361,8 +361,9 @@ def main(argv: list[str]) -> dict:
             metrics.log(step, {k: v for k, v in results.items() if isinstance(v, (int, float))})
             alone = (f" (decoder alone: CER {results['cer_mean_decoder_alone']:.4f})"
                      if "cer_mean_decoder_alone" in results else "")
-            bar.write(f"step {step}: CER {results['cer_mean']:.4f} (mean over languages), WER {results['wer']:.4f}, "
-                      f"LID {results['lid_acc']:.4f}, RTF {results['rtf']:.4f}{alone}")
+            how = f"beam {results['eval_beam_size']}" if results["eval_beam_size"] > 1 else "greedy"
+            bar.write(f"step {step} ({how}): CER {results['cer_mean']:.4f} (mean over languages), WER "
+                      f"{results['wer']:.4f}, LID {results['lid_acc']:.4f}, RTF {results['rtf']:.4f}{alone}")
     bar.close()
 
     if d.is_main:
@@ -384,7 +385,8 @@ def main(argv: list[str]) -> dict:
             how = (f"beam search ({beam_size} beams, length bonus {cfg.eval_length_bonus:g}) joint with the CTC head "
                    f"(--eval_ctc_weight={cfg.eval_ctc_weight:g})" if beam_size > 1 else
                    f"greedy, joint with the CTC head (--eval_ctc_weight={cfg.eval_ctc_weight:g})")
-            lid = (f", each clip's language chosen with its transcript among the {cfg.eval_languages_tried} likeliest"
+            lid = (f", the language of a clip unsure of it (P < 0.9) chosen with its transcript among the "
+                   f"{cfg.eval_languages_tried} likeliest"
                    if beam_size > 1 and cfg.eval_language == "detect" and cfg.eval_languages_tried > 1 else "")
             print(f"the table: decoded by {how}{lid}; the decoder alone, greedy, as the exports decode in "
                   f"transformers or openai-whisper: CER {results['cer_mean_decoder_alone']:.4f} (mean over "
