@@ -308,6 +308,38 @@ def test_eval_with_the_real_model_scores_as_the_library_does(trained_run, asr, t
 
 
 @pytest.mark.slow
+def test_eval_with_the_ctc_head_scores_as_the_recipes_evaluation(trained_run, one_torch_thread, tmp_path,
+                                                                   tmp_path_factory):
+    """--ctc-weight: the run's newest checkpoint (the export has no CTC head), decoded by joint beam search, as
+    mm.asr.evaluate.evaluate_asr scores it in this process."""
+    import torch
+
+    from mm.asr.evaluate import evaluate_asr
+    from mm.asr.transcriber import load_model_and_tokenizer
+
+    heldout = tiny_asr_corpus(tmp_path_factory) / "heldout"
+    proc = run_cli("eval", "--data", str(heldout), "--checkpoint", str(trained_run), "--ctc-weight", "0.5",
+                   "--beam-size", "4", "--device", "cpu", "--json", str(tmp_path / "scores.json"))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "scores.json").read_text(encoding="utf-8"))
+    model, tokenizer, _ = load_model_and_tokenizer(trained_run, ctc_head=True)
+    assert model.ctc_head is not None
+    want = evaluate_asr(model, tokenizer, str(heldout), torch.device("cpu"), batch_size=16, ctc_weight=0.5,
+                        beam_size=4)
+    keys = [k for k in want if k.startswith(("cer", "wer", "lid_acc", "n/"))]
+    assert len(keys) == 21 and {k: result[k] for k in keys} == pytest.approx({k: want[k] for k in keys})
+    assert result["eval_beam_size"] == 4 and result["eval_utterances"] == 9 and result["ctc_weight"] == 0.5
+    assert "beam search (4 beams) joint with the CTC head (weight 0.5)" in proc.stdout
+    assert all(re.search(rf"^ *{lang} +3 ", proc.stdout, re.M) for lang in ("en", "ru", "el")), proc.stdout
+
+    no_head = run_cli("eval", "--data", str(heldout), "--checkpoint", str(trained_run / "export" / "hf"),
+                      "--ctc-weight", "0.5", "--device", "cpu")
+    assert no_head.returncode == 2 and "no CTC head" in no_head.stderr and "Traceback" not in no_head.stderr
+    with pytest.raises(SystemExit):
+        main(["eval", "--data", str(heldout), "--checkpoint", str(trained_run), "--ctc-weight", "1"])
+
+
+@pytest.mark.slow
 def test_the_clis_decoding_options_reach_the_real_transcriber(trained_run, asr, tmp_path, capsys):
     from mm.asr.formats import format_transcript
 

@@ -4,6 +4,7 @@
     python -m mm.asr transcribe recordings/ --format srt --output-dir subs  # subs/<name>.srt per file
     python -m mm.asr transcribe a.wav --language de --task translate --format all --output-dir out
     python -m mm.asr eval --data data/asr_synth/heldout --worst 10 --json scores.json
+    python -m mm.asr eval --data data/asr_synth/heldout --ctc-weight 0.5   # as the recipe scores, with the CTC head
     python -m mm.asr serve --checkpoint runs/asr                            # see python -m mm.asr.server
 
 The model comes from --checkpoint: a run folder of recipes/asr/train.py (default runs/asr), a Hugging
@@ -33,6 +34,13 @@ def temperature(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value >= 0):  # a negative one would invert the distribution; nan breaks it
         raise argparse.ArgumentTypeError(f"must be a number from 0 up, got {text}")
+    return value
+
+
+def ctc_weight(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
     return value
 
 
@@ -67,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode in the detected language (end to end) or the sample's own (default: %(default)s)")
     e.add_argument("--worst", type=positive_int, default=10, help="show the N examples with the highest CER")
     e.add_argument("--json", help="also write the scores and the worst examples to this file")
+    e.add_argument("--ctc-weight", type=ctc_weight, help="score as recipes/asr's final evaluation does: whole clips "
+                   "(no timestamps) by beam search joint with the checkpoint's CTC head at this weight (e.g. 0.5; "
+                   "--beam-size, default 6), an unsure clip's language chosen with its transcript. Needs a run "
+                   "folder or one of its checkpoints/step_*.pt: the exports have no CTC head")
     add_model_args(e)
     sub.add_parser("serve", help="the OpenAI-compatible HTTP API (its options: python -m mm.asr serve --help)",
                    add_help=False)
@@ -236,6 +248,8 @@ def run_transcribe(args) -> int:
 def run_eval(args) -> int:
     from mm.asr.evaluate import evaluate_transcriber, format_eval
 
+    if args.ctc_weight is not None:
+        return run_joint_eval(args)
     transcriber = load_transcriber(args.checkpoint, args.device)
     if transcriber is None:
         return 1
@@ -246,6 +260,37 @@ def run_eval(args) -> int:
     if args.json:
         about = {"checkpoint": args.checkpoint, "model": transcriber.name, "data": args.data,
                  "language": args.language, "timestamps": not args.no_timestamps, **decoding_options(args)}
+        Path(args.json).write_text(json.dumps({**about, **result}, indent=1, ensure_ascii=False) + "\n",
+                                   encoding="utf-8")
+    return 0
+
+
+def run_joint_eval(args) -> int:
+    """The eval command with --ctc-weight: mm.asr.evaluate.evaluate_asr, as the recipe's final evaluation."""
+    import torch
+
+    from mm.asr.evaluate import evaluate_asr
+    from mm.asr.metrics import format_scores
+    from mm.asr.transcriber import load_model_and_tokenizer
+
+    if args.temperature or args.initial_prompt or args.no_timestamps:
+        raise ValueError("--ctc-weight decodes by joint beam search without timestamps: --temperature, "
+                         "--initial-prompt and --no-timestamps do not apply")
+    model, tokenizer, _ = load_model_and_tokenizer(args.checkpoint, ctc_head=True)
+    if model.ctc_head is None:
+        raise ValueError(f"{args.checkpoint}: no CTC head (exports have none, nor do models trained with "
+                         "--ctc_weight=0): give a recipes/asr run folder or one of its checkpoints/step_*.pt")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    result = evaluate_asr(model.to(device).eval(), tokenizer, args.data, device, batch_size=args.batch_size,
+                          language=args.language, ctc_weight=args.ctc_weight, beam_size=args.beam_size or 6)
+    print(format_scores(result))
+    print(f"real-time factor {result['rtf']:.4f} ({result['eval_utterances']} utterances, "
+          f"{result['eval_audio_s']:.1f} s of audio); decoded by beam search ({result['eval_beam_size']} beams) "
+          f"joint with the CTC head (weight {args.ctc_weight:g}); the decoder alone: CER "
+          f"{result['cer_mean_decoder_alone']:.4f} (mean over languages)")
+    if args.json:
+        about = {"checkpoint": args.checkpoint, "data": args.data, "language": args.language,
+                 "ctc_weight": args.ctc_weight}
         Path(args.json).write_text(json.dumps({**about, **result}, indent=1, ensure_ascii=False) + "\n",
                                    encoding="utf-8")
     return 0

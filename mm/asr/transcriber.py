@@ -60,10 +60,11 @@ def _load_train_state(path: Path) -> Whisper:
     return model.eval()
 
 
-def load_model_and_tokenizer(path: str | Path) -> tuple[Whisper, AsrTokenizer, Path | None]:
+def load_model_and_tokenizer(path: str | Path, ctc_head: bool = False) -> tuple[Whisper, AsrTokenizer, Path | None]:
     """(model, tokenizer, run folder or None) from a recipes/asr run folder (its export/hf, else its newest
     checkpoint with its tokenizer/), a Hugging Face Whisper folder, an OpenAI .pt file or a training
-    checkpoint of a run."""
+    checkpoint of a run. ctc_head=True: a run folder gives its newest checkpoint even when it has export/hf,
+    because only the checkpoints keep the CTC head (the export formats have none)."""
     from mm.checkpoint import list_checkpoints
 
     path = Path(path)
@@ -72,7 +73,7 @@ def load_model_and_tokenizer(path: str | Path) -> tuple[Whisper, AsrTokenizer, P
                                 ".pt file)")
     run = _find_run(path)
     if path.is_dir() and not (path / "config.json").is_file() and run == path:
-        if (path / "export" / "hf" / "config.json").is_file():
+        if (path / "export" / "hf" / "config.json").is_file() and not ctc_head:
             path = path / "export" / "hf"
         else:
             found = [p for _, p in list_checkpoints(path / "checkpoints") if p.is_file()]
