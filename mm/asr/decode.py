@@ -639,9 +639,9 @@ def joint_beam_search(model: Whisper, audio_features: Tensor, audio_mask: Tensor
     att = torch.zeros(batch, k, device=device)
     att[:, 1:] = NEG_INF  # one live beam to start with: the others are empty slots until the first expansion
     att = att.view(-1)
-    windows = list(range(batch))  # which window each group of k rows decodes
+    windows = torch.arange(batch, device=device)  # which window each group of k rows decodes
     history = torch.zeros(batch * k, 0, dtype=torch.long, device=device)
-    best_scores, best_tokens = [-math.inf] * batch, [[] for _ in range(batch)]
+    best_scores, best_tokens = torch.full((batch,), -math.inf, device=device), [[] for _ in range(batch)]
     cache, tokens = KVCache(), prompts[rows]
     for step in range(max_new_tokens):
         groups = len(windows)
@@ -661,17 +661,16 @@ def joint_beam_search(model: Whisper, audio_features: Tensor, audio_mask: Tensor
         last = step == max_new_tokens - 1
         ended = live & ((chosen == eot) | last)
         finished = torch.where(ended, best, float("-inf")).max(1)
-        for g in (finished.values > torch.tensor([best_scores[w] for w in windows], device=device)).nonzero()[:, 0]:
-            g, j = int(g), int(finished.indices[g])
+        for g in (finished.values > best_scores[windows]).nonzero()[:, 0].tolist():
+            j = int(finished.indices[g])
             tokens_so_far = history[parent[g, j]].tolist()
-            best_scores[windows[g]] = float(finished.values[g])
-            best_tokens[windows[g]] = tokens_so_far + ([] if int(chosen[g, j]) == eot else [int(chosen[g, j])])
+            best_tokens[int(windows[g])] = tokens_so_far + ([] if int(chosen[g, j]) == eot else [int(chosen[g, j])])
+        best_scores[windows] = torch.maximum(best_scores[windows], finished.values)
         running = live & ~ended
         run_best = torch.where(running, best, float("-inf")).max(1).values
         # slack of one step's bonus: with the bonus a running hypothesis can still gain (a heuristic, as ESPnet's
         # end detection is; slack of 1 or 3 bonuses changed no result on the built-in dev split)
-        best_so_far = torch.tensor([best_scores[w] for w in windows], device=device)
-        going = (run_best + max(length_bonus, 0.0) > best_so_far) & running.any(1)
+        going = (run_best + max(length_bonus, 0.0) > best_scores[windows]) & running.any(1)
         if last or not bool(going.any()):
             break
         keep = going.nonzero()[:, 0]
@@ -688,6 +687,6 @@ def joint_beam_search(model: Whisper, audio_features: Tensor, audio_mask: Tensor
                          for name, v in layer.items()} for layer in cache.layers]
         if left:  # (the audio features themselves were read on the first call only: their keys and values are cached)
             mask = mask[kept_rows] if mask is not None else None
-            windows = [windows[g] for g in keep.tolist()]
+            windows = windows[keep]
         tokens = history[:, -1:]
-    return best_tokens, best_scores
+    return best_tokens, best_scores.tolist()
