@@ -53,7 +53,8 @@ from pathlib import Path
 from data_tools.synthetic_clip import BACKGROUNDS, COLOURS, SHAPES, _jitter, render
 from mm.vlm.evaluate import normalize_answer
 
-INFO_VERSION = 2  # bump when what a given set of arguments writes changes (2: frame x word phrasings)
+INFO_VERSION = 3  # bump when what a given set of arguments writes changes (2: frame x word phrasings,
+#                    3: six more frames trained for every attribute type, four more exists phrasings)
 COLUMNS = ("left", "middle", "right")  # one object per column: left/right relations are never ambiguous
 COLUMN_X = (1 / 6, 1 / 2, 5 / 6)  # column centres, fraction of the image side
 X_JITTER = 0.01  # so that even two large stars in neighbouring columns never touch (half-width <= 1.1 r)
@@ -67,14 +68,20 @@ QUESTION_TYPES = SCORED_TYPES + ("describe",)
 # held out for another, so a held-out phrasing is a frame the model has read, with a content word it has read
 # in other frames: to answer it the model must read the word, not recognise the frame. (Version 1 held out
 # frames that training used for one other type only, and the tiny LM answered that type from the frame.)
+# The last six frames are trained with every attribute type and held out for none: the more frames that
+# read alike across types, the more the model must take the type from the attribute word (version 3; with
+# the first six alone, the tiny LM still answered held-out colour frames by the frame's trained types).
 ATTRIBUTE_FRAMES = ("What {attr} is {thing}?", "Which {attr} is {thing}?", "What is the {attr} of {thing}?",
-                    "Tell me the {attr} of {thing}.", "Name the {attr} of {thing}.", "{thing} is which {attr}?")
+                    "Tell me the {attr} of {thing}.", "Name the {attr} of {thing}.", "{thing} is which {attr}?",
+                    "Say the {attr} of {thing}.", "Give me the {attr} of {thing}.", "Which {attr} does {thing} have?",
+                    "I would like to know the {attr} of {thing}.", "Please state the {attr} of {thing}.",
+                    "Look at {thing}. What {attr} is it?")
 # type -> (attribute word, what is asked about, one letter per frame: T trained, H held out, - not used because
 # the sentence would not be English: "What number is objects?")
-ATTRIBUTE_PLAN = {"colour": ("colour", "the {shape}", "TTTHTH"),
-                  "shape": ("shape", "the {colour} object", "THTTHT"),
-                  "where": ("position", "the {thing}", "HTHTTT"),
-                  "count": ("number", "objects", "--THT-")}
+ATTRIBUTE_PLAN = {"colour": ("colour", "the {shape}", "TTTHTH" "TTTTTT"),
+                  "shape": ("shape", "the {colour} object", "THTTHT" "TTTTTT"),
+                  "where": ("position", "the {thing}", "HTHTTT" "TTTTTT"),
+                  "count": ("number", "objects", "--THT-" "TT--T-")}
 # Two relation types only, so a frame held out for one is trained for the other; two frames train both, so
 # that the model learns that "left" and "right" decide the answer inside one frame.
 RELATION_FRAMES = ("What is {rel} of {thing}?", "What is to the {rel} of {thing}?", "Which object is {rel} of {thing}?",
@@ -89,7 +96,8 @@ OWN_PHRASINGS = {
     "where": (("Where is the {thing}?", "Where is the {thing} in the image?",
                "Which part of the image is the {thing} in?"), ()),
     "exists": (("Is there a {thing}?", "Is there a {thing} in the image?", "Can you see a {thing}?",
-                "Is a {thing} there?"),
+                "Is a {thing} there?", "Do you see a {thing}?", "Does the image show a {thing}?",
+                "Is there a {thing} in the picture?", "Is any {thing} visible?"),
                ("Can you see a {thing} in the image?", "Tell me if there is a {thing}.")),
     "describe": (("Describe the image.", "What do you see?", "Describe this picture.",
                   "Write a caption for the image."),
@@ -122,6 +130,7 @@ PHRASINGS = frame_phrasings()
 CAPTION_STYLES = ("list", "count")  # align captions come in both; SFT "describe" answers use "list" only
 COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 TRAIN_TYPE_WEIGHTS = {**{t: 1.0 for t in SCORED_TYPES}, "describe": 0.5}
+TURNS = (2, 4)  # questions per training conversation, at least and at most (distinct types; 4-7 did worse)
 
 
 # ---------------------------------------------------------------- scenes
@@ -372,7 +381,7 @@ def train_items(rng: random.Random, n: int, pairs: list, image_pattern: str):
     yes_no = [0]
     for i in range(n):
         scene = make_scene(rng, pairs, rng.randint(1, 3))
-        turns = [ask(rng, scene, kind, 0, yes_no, pairs) for kind in sample_types(rng, rng.randint(2, 4))]
+        turns = [ask(rng, scene, kind, 0, yes_no, pairs) for kind in sample_types(rng, rng.randint(TURNS[0], TURNS[1]))]
         yield scene, chat_line(image_pattern % i, turns), turns
 
 
@@ -445,7 +454,7 @@ def seen_in(records: list[dict]) -> tuple[set[str], set[tuple[str, str]]]:
     return texts, {(o["colour"], o["shape"]) for r in records for o in r["scene"]["objects"]}
 
 
-def write_synthetic_vlm(out: str | Path, train: int = 3000, align: int = 2000, heldout: int = 300, prefs: int = 300,
+def write_synthetic_vlm(out: str | Path, train: int = 8000, align: int = 2000, heldout: int = 300, prefs: int = 300,
                         image_size: int = 64, seed: int = 0) -> dict:
     """Write every split, its sidecar and (last) info.json under `out`; returns the info dict.
     Raises AssertionError, before info.json is written, if held-out data leaks into the other splits."""
@@ -499,7 +508,7 @@ def load_heldout(out: str | Path) -> list[dict]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/vlm_synth")
-    p.add_argument("--train", type=int, default=3000, help="multi-turn Q&A conversations")
+    p.add_argument("--train", type=int, default=8000, help="multi-turn Q&A conversations")
     p.add_argument("--align", type=int, default=2000, help="image-caption lines")
     p.add_argument("--heldout", type=int, default=300, help="held-out questions, one per line")
     p.add_argument("--prefs", type=int, default=300, help="preference pairs")

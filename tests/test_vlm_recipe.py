@@ -4,6 +4,7 @@ LoRA; and its config: every preset loads, bad settings fail at start. The shared
 fresh processes; the others run the script's main(argv) in this process (tests.helpers.run_recipe_in_process: the
 same output and exit status, without a fresh process's imports)."""
 import json
+import math
 import re
 
 import pytest
@@ -216,10 +217,11 @@ def test_dry_run_prints_tokens_epochs_and_time_and_trains_nothing(vlm_data, tmp_
     proc = run_here([*data_args(vlm_data, out), "--config=tiny", "--dry_run=true", "--n_epochs=auto",
                      "--batch_size=auto", "--lr_multiplier=auto", "--max_steps=0"])
     match = re.search(r"dry run: 60 examples, ([\d,]+) tokens \([\d,]+ in the loss\) x 3 epochs = ([\d,]+) tokens; "
-                      r"84 steps of 1 x 256-token packs; ~[\d.]+ s a step here, so ~[\d.]+ min on cpu", proc.stdout)
+                      r"(\d+) steps of 1 x 256-token packs; ~[\d.]+ s a step here, so ~[\d.]+ min on cpu", proc.stdout)
     assert match, proc.stdout
-    tokens, total = (int(g.replace(",", "")) for g in match.groups())
+    tokens, total, steps = (int(g.replace(",", "")) for g in match.groups())
     assert total == 3 * tokens and tokens > 60 * 50
+    assert steps == math.ceil(total / 256)  # a batch of 1 example is shorter than a pack: packs of 256 tokens
     assert "auto: 3 epochs: 60 examples x 3 epochs is within 100-25,000" in proc.stderr
     assert not (out / "checkpoints").exists() and not (out / "export").exists()
     assert not (out / "metrics.jsonl").exists()
@@ -240,6 +242,31 @@ def test_align_stage_trains_only_the_projector(vlm_data, tmp_path):
         if not k.startswith("projector."):
             torch.testing.assert_close(exported[k], v, rtol=0, atol=0, msg=k)
     assert all(not torch.equal(exported[k], v) for k, v in initial.items() if k.startswith("projector."))
+
+
+
+@pytest.mark.parametrize("args, frozen", [
+    (["--vision=open_clip:mm-tiny-rn-32"], False),  # from scratch: it has to train
+    (["--vision=open_clip:mm-tiny-rn-32", "--vision_weights=w.safetensors"], True),
+    (["--vision=clip:runs/clip"], True),  # the CLIP recipe's export
+    (["--vision=hf:some/siglip"], True),
+    (["--vision=open_clip:mm-tiny-rn-32", "--init_from=runs/vlm-align"], True),
+    (["--vision=clip:runs/clip", "--freeze_vision=false"], False),  # said outright, it wins
+    (["--vision=open_clip:mm-tiny-rn-32", "--freeze_vision=true"], True),
+])
+def test_auto_freezes_a_pretrained_tower_and_trains_one_from_scratch(args, frozen, vlm_data, tmp_path, monkeypatch):
+    recipe = load_recipe("vlm")
+    cfg = parse_config(recipe.VLMConfig, ["--config=tiny", *args], PRESETS)
+    assert recipe.vision_frozen(cfg) is frozen
+    if "--init_from" in " ".join(args):
+        return
+    # and set_trainable acts on it (a tower from scratch built for real: the others would need their files)
+    cfg = parse_config(recipe.VLMConfig, ["--config=tiny", f"--train_data={vlm_data}/train.jsonl", *args], PRESETS)
+    if cfg.vision.startswith("open_clip") and not cfg.vision_weights:
+        model, _ = recipe.build_model(cfg, [cfg.train_data], tmp_path / "tokenizer", True)
+        recipe.set_trainable(model, cfg)
+        assert all(p.requires_grad is not frozen for p in model.vision.parameters())
+        assert all(p.requires_grad for p in model.projector.parameters())
 
 
 @pytest.mark.slow

