@@ -273,7 +273,7 @@ def run_mm(export: Path, processor_dir: Path, subset: Path, out: Path, args, ste
            "--n_epochs=1", f"--max_steps={steps}", "--lr_multiplier=1", f"--lr={args.lr}",
            f"--lr_projector={args.lr}", f"--lr_vision={args.lr}", f"--warmup_steps={min(10, steps // 5)}",
            "--log_every=1", "--tensorboard=false", f"--ckpt_every={steps}", f"--max_tokens={longest}",
-           "--precision=fp32", f"--seed={args.seed}"]
+           "--precision=fp32", f"--seed={args.seed}", "--freeze_vision=false"]  # the tower trains, as TRL's
     # on the CPU, as TRL's side (use_cpu=True): on a GPU machine ours would otherwise take the GPU and bf16
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     rows = [json.loads(line) for line in open(out / "metrics.jsonl", encoding="utf-8")]

@@ -12,6 +12,7 @@ import torch
 
 from mm.checkpoint import list_checkpoints, load_checkpoint
 from mm.config import ConfigError, parse_config
+from mm.vlm.auto import steps_for
 from tests.helpers import one_torch_thread  # noqa: F401 - a fixture
 from tests.helpers import ROOT, kill_after_first_checkpoint, load_recipe, run_recipe_in_process
 from tests.vlm_fixtures import trained_vlm, vlm_data  # noqa: F401 - fixtures
@@ -221,7 +222,8 @@ def test_dry_run_prints_tokens_epochs_and_time_and_trains_nothing(vlm_data, tmp_
     assert match, proc.stdout
     tokens, total, steps = (int(g.replace(",", "")) for g in match.groups())
     assert total == 3 * tokens and tokens > 60 * 50
-    assert steps == math.ceil(total / 256)  # a batch of 1 example is shorter than a pack: packs of 256 tokens
+    # a batch of 1 example is shorter than a pack, so a step holds a 256-token pack's worth of examples
+    assert steps == steps_for(60, 3, max(1, 1 * 256 / (tokens / 60))) == math.ceil(3 * tokens / 256)
     assert "auto: 3 epochs: 60 examples x 3 epochs is within 100-25,000" in proc.stderr
     assert not (out / "checkpoints").exists() and not (out / "export").exists()
     assert not (out / "metrics.jsonl").exists()
@@ -250,23 +252,41 @@ def test_align_stage_trains_only_the_projector(vlm_data, tmp_path):
     (["--vision=open_clip:mm-tiny-rn-32", "--vision_weights=w.safetensors"], True),
     (["--vision=clip:runs/clip"], True),  # the CLIP recipe's export
     (["--vision=hf:some/siglip"], True),
-    (["--vision=open_clip:mm-tiny-rn-32", "--init_from=runs/vlm-align"], True),
+    (["--vision=some/export/folder"], True),  # a bare folder: an export or a Hugging Face folder
     (["--vision=clip:runs/clip", "--freeze_vision=false"], False),  # said outright, it wins
     (["--vision=open_clip:mm-tiny-rn-32", "--freeze_vision=true"], True),
 ])
-def test_auto_freezes_a_pretrained_tower_and_trains_one_from_scratch(args, frozen, vlm_data, tmp_path, monkeypatch):
+def test_auto_freezes_a_pretrained_tower_and_trains_one_from_scratch(args, frozen, vlm_data, tmp_path):
     recipe = load_recipe("vlm")
-    cfg = parse_config(recipe.VLMConfig, ["--config=tiny", *args], PRESETS)
-    assert recipe.vision_frozen(cfg) is frozen
-    if "--init_from" in " ".join(args):
-        return
-    # and set_trainable acts on it (a tower from scratch built for real: the others would need their files)
     cfg = parse_config(recipe.VLMConfig, ["--config=tiny", f"--train_data={vlm_data}/train.jsonl", *args], PRESETS)
-    if cfg.vision.startswith("open_clip") and not cfg.vision_weights:
+    assert recipe.vision_frozen(cfg) is frozen
+    if cfg.vision.startswith("open_clip") and not cfg.vision_weights:  # built for real: the others need their files
         model, _ = recipe.build_model(cfg, [cfg.train_data], tmp_path / "tokenizer", True)
         recipe.set_trainable(model, cfg)
         assert all(p.requires_grad is not frozen for p in model.vision.parameters())
         assert all(p.requires_grad for p in model.projector.parameters())
+
+
+def test_auto_freeze_follows_the_clip_default_run_and_what_an_init_run_did(vlm_data, trained_vlm, tmp_path,
+                                                                           monkeypatch):
+    """--vision=auto: frozen when the CLIP default run's export is there, trained when it is not. --init_from: frozen
+    when that run's tower learnt (trained from scratch there: the shared run), trained when an align run left a
+    tower from scratch untouched."""
+    recipe = load_recipe("vlm")
+
+    def frozen(*args):
+        return recipe.vision_frozen(parse_config(recipe.VLMConfig, ["--config=tiny", "--vision=auto", *args], PRESETS))
+
+    monkeypatch.setattr(recipe, "CLIP_DEFAULT_RUN", str(tmp_path / "clip"))
+    assert frozen() is False
+    (tmp_path / "clip" / "export").mkdir(parents=True)
+    (tmp_path / "clip" / "export" / "open_clip_config.json").write_text("{}")
+    assert frozen() is True
+    assert frozen(f"--init_from={trained_vlm}") is True  # the shared run trained its tower from scratch
+    align = tmp_path / "align"
+    run_here(["--config=tiny", f"--train_data={vlm_data}/align.jsonl", "--eval_data=none", f"--out_dir={align}",
+              "--stage=align", "--max_steps=1"])
+    assert frozen(f"--init_from={align}") is False  # its tower never trained: the SFT after it must train it
 
 
 @pytest.mark.slow

@@ -82,7 +82,8 @@ class VLMConfig:
     # --- what trains
     stage: Literal["single", "align", "sft"] = "single"  # align: projector only; sft: + LM (+ tower unless frozen); single: all at once
     freeze_vision: bool | Literal["auto"] = "auto"  # keep the tower frozen in sft/single; auto: frozen when it comes
-    #                       pretrained (the CLIP export, an hf: folder, given weights, --init_from), trained from scratch
+    #                       pretrained (the CLIP export, an hf: or export folder, given weights, an --init_from run's
+    #                       tower that learnt), trained when it starts from scratch
     lora: bool = False  # train the LM through LoRA adapters (peft) instead of in full
     lora_r: int = 16  # LoRA rank
     lora_alpha: int = 32  # LoRA alpha
@@ -258,10 +259,27 @@ def build_model(cfg: VLMConfig, urls: list[str], tokenizer_dir: Path, is_main: b
 
 
 def tower_is_pretrained(cfg: VLMConfig) -> bool:
-    """Whether the vision tower starts trained: a previous run (--init_from), the CLIP recipe's export, a Hugging
-    Face folder, or given weights; an open_clip or timm name without weights starts from scratch."""
+    """Whether the vision tower starts trained: the CLIP recipe's export, a Hugging Face or export folder, given
+    weights, or a previous run's tower that learnt (init_tower_learnt); an open_clip or timm name without weights
+    starts from scratch."""
+    if cfg.init_from:
+        return init_tower_learnt(cfg.init_from)
     spec, weights = choose_vision(cfg, quiet=True)
-    return bool(cfg.init_from or weights or spec.startswith(("clip:", "hf:")))
+    return bool(weights) or not spec.startswith(("open_clip:", "timm:"))
+
+
+def init_tower_learnt(path: str) -> bool:
+    """Whether the tower of a previous run (--init_from) ever learnt: it started pretrained, or that run trained it.
+    An align run leaves a tower from scratch as random as it began, so the SFT after it must train it. An export
+    without its training config (not made by this recipe) counts as learnt."""
+    from mm.vlm.inference import find_export
+    from mm.vlm.model import VLM_CONFIG
+    saved = json.loads((find_export(path) / VLM_CONFIG).read_text(encoding="utf-8"))
+    before = (saved.get("extra") or {}).get("train_config")
+    if not isinstance(before, dict):
+        return True
+    before = VLMConfig(**{k: v for k, v in before.items() if k in VLMConfig.__dataclass_fields__})
+    return tower_is_pretrained(before) or (before.stage != "align" and not vision_frozen(before))
 
 
 def vision_frozen(cfg: VLMConfig) -> bool:
