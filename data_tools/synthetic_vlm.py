@@ -381,7 +381,7 @@ def train_items(rng: random.Random, n: int, pairs: list, image_pattern: str):
     yes_no = [0]
     for i in range(n):
         scene = make_scene(rng, pairs, rng.randint(1, 3))
-        turns = [ask(rng, scene, kind, 0, yes_no, pairs) for kind in sample_types(rng, rng.randint(TURNS[0], TURNS[1]))]
+        turns = [ask(rng, scene, kind, 0, yes_no, pairs) for kind in sample_types(rng, rng.randint(*TURNS))]
         yield scene, chat_line(image_pattern % i, turns), turns
 
 

@@ -289,6 +289,29 @@ def test_auto_freeze_follows_the_clip_default_run_and_what_an_init_run_did(vlm_d
     assert frozen(f"--init_from={align}") is False  # its tower never trained: the SFT after it must train it
 
 
+@pytest.mark.parametrize("source, saved, learnt", [
+    ("open_clip", {"vision": "auto", "stage": "align"}, False),  # auto found no CLIP run then: from scratch, untouched
+    ("clip", {"vision": "auto", "stage": "align"}, True),  # auto found the CLIP export then
+    ("open_clip", {"vision": "auto", "stage": "single", "freeze_vision": "auto"}, True),  # from scratch, trained
+    ("open_clip", {"vision": "auto", "stage": "single", "freeze_vision": True}, False),  # from scratch, kept frozen
+    ("open_clip", {"vision": "open_clip:x", "vision_weights": "w.pt", "stage": "align"}, True),
+])
+def test_an_init_runs_tower_is_judged_by_what_that_run_saved(source, saved, learnt, tmp_path, monkeypatch):
+    """Not by resolving its --vision=auto again: a CLIP default run made since must not make an untouched tower
+    from scratch count as pretrained (and frozen, random, for good)."""
+    recipe = load_recipe("vlm")
+    monkeypatch.setattr(recipe, "CLIP_DEFAULT_RUN", str(tmp_path / "clip"))
+    (tmp_path / "clip" / "export").mkdir(parents=True)
+    (tmp_path / "clip" / "export" / "open_clip_config.json").write_text("{}")  # a CLIP default run exists now
+    (tmp_path / "init").mkdir()
+    (tmp_path / "init" / "vlm_config.json").write_text(json.dumps(
+        {"vision": {"source": source}, "extra": {"train_config": saved}}))
+    cfg = parse_config(recipe.VLMConfig, ["--config=tiny", "--vision=auto", f"--init_from={tmp_path / 'init'}"],
+                       PRESETS)
+    assert recipe.init_tower_learnt(cfg.init_from) is learnt
+    assert recipe.vision_frozen(cfg) is learnt
+
+
 @pytest.mark.slow
 def test_lora_trains_and_exports_a_merged_model_that_loads(vlm_data, tmp_path):
     from mm.vlm.inference import VisionChat

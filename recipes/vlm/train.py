@@ -270,16 +270,26 @@ def tower_is_pretrained(cfg: VLMConfig) -> bool:
 
 def init_tower_learnt(path: str) -> bool:
     """Whether the tower of a previous run (--init_from) ever learnt: it started pretrained, or that run trained it.
-    An align run leaves a tower from scratch as random as it began, so the SFT after it must train it. An export
-    without its training config (not made by this recipe) counts as learnt."""
+    An align run leaves a tower from scratch as random as it began, so the SFT after it must train it. How it
+    started is read from what that run saved (the tower's source, its weights, its own --init_from), not resolved
+    again: --vision=auto then may name a CLIP export made since. An export without its training config (not made
+    by this recipe), or a chain whose older run is gone, counts as learnt."""
     from mm.vlm.inference import find_export
     from mm.vlm.model import VLM_CONFIG
-    saved = json.loads((find_export(path) / VLM_CONFIG).read_text(encoding="utf-8"))
+    try:
+        saved = json.loads((find_export(path) / VLM_CONFIG).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return True
     before = (saved.get("extra") or {}).get("train_config")
     if not isinstance(before, dict):
         return True
     before = VLMConfig(**{k: v for k, v in before.items() if k in VLMConfig.__dataclass_fields__})
-    return tower_is_pretrained(before) or (before.stage != "align" and not vision_frozen(before))
+    if before.init_from:
+        started = init_tower_learnt(before.init_from)
+    else:
+        started = saved["vision"]["source"] in ("clip", "hf") or bool(before.vision_weights)
+    frozen = started if before.freeze_vision == "auto" else before.freeze_vision
+    return started or (before.stage != "align" and not frozen)
 
 
 def vision_frozen(cfg: VLMConfig) -> bool:
