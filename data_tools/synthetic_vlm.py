@@ -42,6 +42,7 @@ Held-out phrasings and reserved pairs never reach the other splits: `write_synth
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import io
 import itertools
@@ -53,8 +54,9 @@ from pathlib import Path
 from data_tools.synthetic_clip import BACKGROUNDS, COLOURS, SHAPES, _jitter, render
 from mm.vlm.evaluate import normalize_answer
 
-INFO_VERSION = 3  # bump when what a given set of arguments writes changes (2: frame x word phrasings,
-#                    3: six more frames trained for every attribute type, four more exists phrasings)
+INFO_VERSION = 4  # bump when what a given set of arguments writes changes (2: frame x word phrasings,
+#                    3: six more frames trained for every attribute type, four more exists phrasings,
+#                    4: training questions sometimes wrapped, see wrap)
 COLUMNS = ("left", "middle", "right")  # one object per column: left/right relations are never ambiguous
 COLUMN_X = (1 / 6, 1 / 2, 5 / 6)  # column centres, fraction of the image side
 X_JITTER = 0.01  # so that even two large stars in neighbouring columns never touch (half-width <= 1.1 r)
@@ -131,6 +133,12 @@ CAPTION_STYLES = ("list", "count")  # align captions come in both; SFT "describe
 COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 TRAIN_TYPE_WEIGHTS = {**{t: 1.0 for t in SCORED_TYPES}, "describe": 0.5}
 TURNS = (2, 4)  # questions per training conversation, at least and at most (distinct types; 4-7 did worse)
+# Training questions (not held-out ones) sometimes come wrapped: a lead-in before, or "in the image" before the
+# question mark, the same for every type. Without them the tiny LM took the type from such edges ("Can you see a
+# red star in the image?", a held-out exists phrasing, got "left": "in the image?" ended where questions) rather
+# than from the words that say it. A wrapped question still never equals a held-out one (check_heldout_unseen).
+WRAP_PROBABILITY = 0.25  # each of lead-in and "in the image", independently
+LEAD_INS = ("Look at the image. ", "Question: ", "Tell me, ", "Please answer: ", "One question: ", "Now, ")
 
 
 # ---------------------------------------------------------------- scenes
@@ -357,16 +365,39 @@ def sample_types(rng: random.Random, k: int) -> list[str]:
     return chosen
 
 
+def wrap(rng: random.Random, question: str) -> str:
+    """A training question, sometimes with a lead-in ("Tell me, what colour is the star?") and sometimes with
+    "in the image" before its question mark (LEAD_INS, WRAP_PROBABILITY): the same edges for every question type."""
+    if question.endswith("?") and not re.search(r"\b(image|picture)\b", question) and rng.random() < WRAP_PROBABILITY:
+        longer = question[:-1] + " in the image?"
+        question = question if longer in _heldout_texts() else longer  # "Can you see a red star?" stays as it is
+    if rng.random() < WRAP_PROBABILITY:
+        lead = rng.choice(LEAD_INS)
+        longer = lead + (question[0].lower() + question[1:] if lead.endswith(", ") else question)
+        question = question if longer in _heldout_texts() else longer
+    return question
+
+
+@functools.cache
+def _heldout_texts() -> frozenset[str]:
+    """Every held-out phrasing filled with every colour and shape."""
+    return frozenset(t.format(colour=c, shape=s, thing=f"{c} {s}") for _, held in PHRASINGS.values() for t in held
+                     for c, s in all_pairs())
+
+
 def ask(rng: random.Random, scene: dict, kind: str, which: int, yes_no: list[int], absent: list[tuple[str, str]],
         focus: dict | None = None) -> dict:
-    """One question of `kind` in phrasing set `which` (0 train, 1 held-out). Yes/no questions alternate
+    """One question of `kind` in phrasing set `which` (0 train, sometimes wrapped; 1 held-out). Yes/no questions alternate
     yes, no, yes... through the counter `yes_no` ([n asked so far]), so every split is balanced."""
     if kind == "exists":
         target = pick_exists_target(rng, scene, yes_no[0] % 2 == 0, absent, focus)
         yes_no[0] += 1
     else:
         target = pick_target(rng, scene, kind, focus)
-    return pose(rng, scene, kind, PHRASINGS[kind][which], target)
+    turn = pose(rng, scene, kind, PHRASINGS[kind][which], target)
+    if which == 0:
+        turn["question"] = wrap(rng, turn["question"])
+    return turn
 
 
 def align_items(rng: random.Random, n: int, pairs: list, image_pattern: str):

@@ -154,6 +154,32 @@ def test_heldout_frames_are_trained_with_other_question_types(data):
         assert kind not in trained[frame_of(question)] and trained[frame_of(question)], (kind, question)
 
 
+def test_training_questions_are_sometimes_wrapped_held_out_ones_never(data, tmp_path):
+    """Version 4: a lead-in or "in the image" on training questions of every type, never on held-out ones; a
+    wrapped question is its template filled, with the wrapping around it."""
+    def unwrapped(question):  # the question without its lead-in, and without and with its " in the image"
+        for lead in synth.LEAD_INS:
+            if question.startswith(lead):
+                rest = question[len(lead):]
+                question = rest[0].upper() + rest[1:]
+        return {question, question.replace(" in the image?", "?")}
+
+    def filled(kind, which):
+        return {t.format(colour=c, shape=sh, thing=f"{c} {sh}") for t in synth.PHRASINGS[kind][which]
+                for c in COLOURS for sh in SHAPES}
+
+    synth.write_synthetic_vlm(tmp_path, **{**COUNTS, "train": 300, "heldout": 16})
+    turns = [t for r in sidecar(tmp_path, "train") for t in r["turns"]]
+    wrapped = [t for t in turns if any(t["question"].startswith(lead) for lead in synth.LEAD_INS)
+               or (t["question"].endswith(" in the image?") and t["question"] not in filled(t["type"], 0))]
+    assert 0.25 < len(wrapped) / len(turns) < 0.6  # 1 - 0.75^2 = 0.44 where both fit
+    assert {t["type"] for t in wrapped} == set(synth.QUESTION_TYPES)
+    assert all(unwrapped(t["question"]) & filled(t["type"], 0) for t in turns)
+    assert "Tell me, what colour is the star?" == synth.LEAD_INS[2] + "what colour is the star?"
+    held = sidecar(tmp_path, "heldout")
+    assert all(r["question"] in filled(r["type"], 1) for r in held)  # held-out: the templates only
+
+
 def oracle(scene, turn):
     """The answer, re-derived from the scene's geometry (x positions), not from its column words."""
     objects, target, kind = scene["objects"], turn["target"], turn["type"]

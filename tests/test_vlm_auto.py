@@ -11,16 +11,32 @@ from tests.vlm_fixtures import trained_vlm  # noqa: F401 - a fixture
 PRESETS = ROOT / "recipes" / "vlm" / "configs"
 
 
-@pytest.mark.parametrize("n, epochs", [
+COOKBOOK = [
     (1, 25), (3, 25), (4, 25),  # 100 // n clamped to 25
     (5, 20), (10, 10), (20, 5), (30, 3), (33, 3),  # n x 3 < 100: raised to 100 // n
     (34, 3), (50, 3), (1000, 3), (8333, 3),  # n x 3 within 100-25,000: the default 3
     (8334, 2), (12_500, 2), (12_501, 1), (1_000_000, 1),  # n x 3 > 25,000: 25,000 // n, at least 1
-])
+]
+
+
+@pytest.mark.parametrize("n, epochs", COOKBOOK)
 def test_epochs_follow_the_cookbook_rule(n, epochs):
     choice = auto_epochs(n)
     assert choice.value == epochs
     assert choice.reason.startswith(f"{epochs} epochs: {n} examples x 3 epochs")
+
+
+@pytest.mark.parametrize("n, epochs", [
+    (1, 25), (4, 25), (5, 20), (14, 7),  # n x 7 < 100: raised to 100 // n, at most 25
+    (15, 7), (8000, 7), (8571, 7),  # n x 7 within 100-60,000: 7 (8,000: the built-in data)
+    (8572, 6), (30_000, 2), (60_001, 1),  # n x 7 > 60,000: 60,000 // n, at least 1
+])
+def test_epochs_for_an_lm_from_scratch_follow_the_rule_aiming_higher(n, epochs):
+    choice = auto_epochs(n, from_scratch=True)
+    assert choice.value == epochs
+    assert choice.reason.startswith(f"{epochs} epochs: {n} examples x 7 epochs")
+    assert choice.reason.endswith("(an LM from scratch: the cookbook's rule, aiming higher)")
+    assert auto_epochs(8000).value == 3  # a pretrained LM on the built-in data: the cookbook's rule as it is
 
 
 def test_epochs_reasons_say_which_way_and_no_examples_is_an_error():
@@ -60,21 +76,24 @@ def schedule(*args, n_examples: int, mean_tokens: float) -> dict:
 
 
 def test_schedule_of_a_small_set_counts_the_examples_a_pack_holds():
-    """60 examples of ~110 tokens: auto gives 3 epochs of batch 1, but a pack is at least --max_tokens=256 long,
-    so a step takes 256/110 examples; the steps are those of 3 epochs at that rate, not 180."""
+    """60 examples of ~110 tokens: auto gives 7 epochs (a tiny LM from scratch) of batch 1, but a pack is at least
+    --max_tokens=256 long, so a step takes 256/110 examples; the steps are those of 7 epochs at that rate, not 420."""
     got = schedule("--config=tiny", "--n_epochs=auto", "--batch_size=auto", "--lr_multiplier=auto", "--max_steps=0",
                    n_examples=60, mean_tokens=110.0)
     assert {k: got[k] for k in ("n_epochs", "batch_size", "lr_multiplier", "grad_accum", "pack_tokens")} == \
-        {"n_epochs": 3, "batch_size": 1, "lr_multiplier": 2.0, "grad_accum": 1, "pack_tokens": 256}
-    assert got["max_steps"] == math.ceil(60 * 3 / (256 / 110)) == 78
+        {"n_epochs": 7, "batch_size": 1, "lr_multiplier": 2.0, "grad_accum": 1, "pack_tokens": 256}
+    assert got["max_steps"] == math.ceil(60 * 7 / (256 / 110)) == 181
 
 
 def test_schedule_of_a_large_set_accumulates_packs_to_the_batch():
-    """5,000 examples of 600 tokens: batch 10 = 6,000 tokens = 3 packs of 2,000 (under --pack_tokens=2048)."""
-    got = schedule("--n_epochs=auto", "--batch_size=auto", "--lr_multiplier=auto", n_examples=5000, mean_tokens=600.0)
+    """5,000 examples of 600 tokens: batch 10 = 6,000 tokens = 3 packs of 2,000 (under --pack_tokens=2048). A
+    pretrained LM (a folder) gets the cookbook's 3 epochs."""
+    got = schedule("--n_epochs=auto", "--batch_size=auto", "--lr_multiplier=auto", "--lm=some/hf/folder",
+                   n_examples=5000, mean_tokens=600.0)
     assert {k: got[k] for k in ("n_epochs", "batch_size", "lr_multiplier", "grad_accum", "pack_tokens")} == \
         {"n_epochs": 3, "batch_size": 10, "lr_multiplier": 1.0, "grad_accum": 3, "pack_tokens": 2000}
     assert got["max_steps"] == steps_for(5000, 3, 10) == 1500
+    assert schedule("--n_epochs=auto", n_examples=5000, mean_tokens=600.0)["max_steps"] == 3500  # the tiny LM: 7
 
 
 def test_given_values_are_kept_and_max_steps_wins():

@@ -162,6 +162,36 @@ def test_an_openai_line_through_the_decoder_and_the_template(tmp_path, chatml):
     assert label_runs(chatml, chat) == ["It is red.<|im_end|>"]
 
 
+def test_the_loader_decoder_tokenises_a_line_once_and_gives_the_same_sample_again(tmp_path, chatml, monkeypatch):
+    """Later epochs take a line's tokens from the decoder's cache (keyed by the line's bytes): equal tensors, the
+    chat template not rendered again; a changed line is tokenised anew."""
+    import torch
+
+    import mm.vlm.chat
+    from mm.vlm.data import vlm_decoder
+
+    (tmp_path / "red.png").write_bytes(png_bytes())
+    line = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "red.png"}},
+                                                      {"type": "text", "text": "What colour is the square?"}]},
+                         {"role": "assistant", "content": "It is red."}]}
+
+    def sample(line):
+        return {"__key__": "train:1", "__url__": str(tmp_path / "train.jsonl"), "__root__": str(tmp_path),
+                "json": json.dumps(line).encode()}
+    calls = []
+    real = mm.vlm.chat.tokenize_chat
+    monkeypatch.setattr(mm.vlm.chat, "tokenize_chat", lambda *a, **k: calls.append(1) or real(*a, **k))
+    decode = vlm_decoder(chatml, lambda image: torch.zeros(3, 4, 4), image_tokens=IMAGE_TOKENS, max_tokens=100)
+    first, again = decode(sample(line)), decode(sample(line))
+    assert len(calls) == 1
+    for key in ("input_ids", "labels"):
+        assert torch.equal(first[key], again[key]) and again[key].dtype == torch.int64
+    assert first["n_loss"] == again["n_loss"] == sum(label != IGNORE_INDEX for label in first["labels"].tolist()) > 0
+    line["messages"][1]["content"] = "It is blue."
+    changed = decode(sample(line))
+    assert len(calls) == 2 and not torch.equal(changed["labels"], first["labels"])
+
+
 # ---------------------------------------------------------------- templates that must fail loudly
 
 REWRITES = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"

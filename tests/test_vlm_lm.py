@@ -52,6 +52,9 @@ def test_tiny_tokenizer_round_trips_and_renders_chatml(tmp_path):
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
                                              tokenize=False)
     assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
+    # the template's role names are words of the vocabulary, though no training text holds them
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    assert "user" in pieces and "assistant" in pieces and len(pieces) <= 14
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|pad|>"
     assert model.config.tie_word_embeddings and model.get_input_embeddings().num_embeddings == len(tokenizer)
     assert add_image_token(model, tokenizer) == tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)

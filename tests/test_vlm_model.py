@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mm.vlm.lm import load_lm
-from mm.vlm.model import (IGNORE_INDEX, apply_lora, batch_loss, build_vlm, freeze, lm_loss, load_vlm, loss_positions,
-                          pack_batch, pad_batch,
+from mm.vlm.model import (IGNORE_INDEX, Projector, apply_lora, batch_loss, build_vlm, freeze, grid_positions, lm_loss,
+                          load_vlm, loss_positions, pack_batch, pad_batch,
                           param_groups, pixel_shuffle, save_vlm, sequence_logprobs, set_gradient_checkpointing, unpack)
 from mm.vlm.vision import load_vision_tower
 
@@ -97,7 +97,7 @@ def test_loss_at_target_positions_only_equals_the_full_loss_and_its_gradients(vl
     batch = pack_batch(samples) if layout == "packed" else pad_batch(samples, pad_id=0)
     keep = loss_positions(batch["labels"])
     n_positions = batch["input_ids"].shape[1] - 1
-    assert 0 < len(keep) < n_positions / 2  # prompts and images are most of the positions: they are skipped
+    assert 0 < len(keep) < n_positions * 0.6  # prompts and images are skipped (padded: the rows' union is kept)
 
     def loss_and_grads(fn):
         model.zero_grad()
@@ -204,18 +204,47 @@ def test_pixel_shuffle_groups_square_blocks():
         pixel_shuffle(torch.zeros(1, 9, 2), 2)
 
 
+def test_grid_positions_tell_every_cell_apart_by_row_and_column():
+    places = grid_positions(16, 16)  # a 4x4 grid, row-major: x features first (8), then y (8)
+    assert places.shape == (16, 16) and len({tuple(row.tolist()) for row in places}) == 16
+    torch.testing.assert_close(places[0, 8:], places[3, 8:])  # same row: same y features
+    torch.testing.assert_close(places[1, :8], places[13, :8])  # same column: same x features
+    assert not torch.allclose(places[0, :8], places[1, :8]) and not torch.allclose(places[0, 8:], places[4, 8:])
+    with pytest.raises(ValueError, match="square token grid"):
+        grid_positions(12, 16)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        grid_positions(16, 6)
+
+
+def test_projector_puts_the_place_into_tokens_only_when_asked():
+    """Identical tower tokens (a convnet's map carries no place) come out identical without position features and
+    distinct with them; the projector's config round-trips."""
+    torch.manual_seed(0)
+    tokens = torch.ones(2, 16, 8)
+    plain, placed = Projector(8, 12), Projector(8, 12, position_dim=16)
+    assert torch.allclose(plain(tokens)[0, 0], plain(tokens)[0, 5])
+    out = placed(tokens)
+    assert out.shape == (2, 16, 12) and len({tuple(t.tolist()) for t in out[0]}) == 16
+    assert placed.net[0].in_features == 8 + 16
+    assert Projector(**placed.describe()).describe() == placed.describe() == \
+        {"in_dim": 8, "out_dim": 12, "pixel_shuffle": 1, "position_dim": 16}
+    shuffled = Projector(8, 12, pixel_shuffle=2, position_dim=8)  # the places of the 2x2 grid after the shuffle
+    assert shuffled(tokens).shape == (2, 4, 12) and shuffled.net[0].in_features == 8 * 4 + 8
+
+
 def test_save_and_load_round_trip_without_the_original_files(tmp_path, samples):
     from mm.clip.model import create_clip, export_clip
 
     torch.manual_seed(5)
     export = export_clip(*(lambda p: (p.model, p.model_cfg))(create_clip("mm-tiny-rn-64")), tmp_path / "clip")
     lm, tokenizer = load_lm("tiny", texts=TEXTS, vocab_size=300, tokenizer_dir=tmp_path / "tok")
-    model = build_vlm(load_vision_tower(f"clip:{export}"), lm, tokenizer).eval()
+    model = build_vlm(load_vision_tower(f"clip:{export}"), lm, tokenizer, position_dim=16).eval()
     out = save_vlm(model, tokenizer, tmp_path / "vlm", extra_config={"recipe": "test"})
     shutil.rmtree(export), shutil.rmtree(tmp_path / "tok")  # the saved folder must stand alone
     assert (out / "vlm_config.json").is_file() and (out / "model.safetensors").is_file()
     loaded, tokenizer2, config = load_vlm(out)
     assert config["tokens_per_image"] == 16 and config["extra"] == {"recipe": "test"} and config["image_size"] == 64
+    assert loaded.projector.position_dim == 16
     assert loaded.lm.get_output_embeddings().weight is loaded.lm.get_input_embeddings().weight  # still tied
     packed = pack_batch(samples)
     with torch.no_grad():

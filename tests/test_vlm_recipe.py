@@ -147,9 +147,9 @@ def test_killed_run_resumes_to_the_same_weights(vlm_data, tmp_path, num_workers)
 
 @pytest.fixture
 def bad_file(vlm_data, tmp_path):
-    """16 good training lines, then (17) one whose prompt alone is over --max_tokens=64, (18) not JSON, (19)
+    """40 good training lines, then (41) one whose prompt alone is over --max_tokens=64, (42) not JSON, (43)
     no assistant message. Images by absolute path, so the file can live anywhere."""
-    good = (vlm_data / "train.jsonl").read_text().replace('"images/', f'"{vlm_data}/images/').splitlines()[:16]
+    good = (vlm_data / "train.jsonl").read_text().replace('"images/', f'"{vlm_data}/images/').splitlines()[:40]
     long_prompt = "Please look very carefully at every part of this picture and then " * 6 + "name the colour."
     long = {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": f"{vlm_data}/images/train/000001.png"}},
@@ -165,22 +165,23 @@ def test_bad_lines_stop_the_run_naming_them_and_the_way_on(bad_file, tmp_path):
     proc = run_here(["--config=tiny", f"--train_data={bad_file}", "--eval_data=none", f"--out_dir={out}",
                      "--max_tokens=64"], check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "line 18: not_json" in proc.stdout and "line 19: no_assistant" in proc.stdout
+    assert "line 42: not_json" in proc.stdout and "line 43: no_assistant" in proc.stdout
     assert f"{bad_file}: 2 bad line(s), listed above" in proc.stderr and "--skip_bad_lines=true" in proc.stderr
     assert not (out / "checkpoints").exists()
 
 
 @pytest.mark.slow
 def test_skipped_bad_lines_and_answerless_truncations_are_counted_not_trained(bad_file, tmp_path):
-    """--skip_bad_lines: lines 18-19 are skipped as bad samples; line 17, whose answer truncation to 64 tokens
+    """--skip_bad_lines: lines 42-43 are skipped as bad samples; line 41, whose answer truncation to 64 tokens
     cuts off, is dropped as too_long, never trained with an empty loss. Read in file order (no shuffle buffer),
     so the counts are exact: the bad lines come last and the run stops early in the next epoch."""
     out = tmp_path / "run"
     run_here(["--config=tiny", f"--train_data={bad_file}", "--eval_data=none", f"--out_dir={out}",
               "--max_tokens=64", "--skip_bad_lines=true", "--shuffle_buffer=0", "--max_steps=0"])
     results = json.loads((out / "results.json").read_text())
-    # 17 examples (line 17 counts: the validator cannot know truncation will leave it no answer), 4 a step
-    assert (results["max_steps"], results["bad_samples"], results["too_long"]) == (5, 2, 1)
+    # 41 examples (line 41 counts: the validator cannot know truncation will leave it no answer), 4 a step; the
+    # loader reads ahead into the next epoch, but not 40 lines far
+    assert (results["max_steps"], results["bad_samples"], results["too_long"]) == (11, 2, 1)
     assert all(r["loss"] > 0.5 for r in train_rows(out))
     assert (train_rows(out)[-1]["bad_samples"], train_rows(out)[-1]["too_long"]) == (2, 1)
 
@@ -217,14 +218,14 @@ def test_dry_run_prints_tokens_epochs_and_time_and_trains_nothing(vlm_data, tmp_
     out = tmp_path / "run"
     proc = run_here([*data_args(vlm_data, out), "--config=tiny", "--dry_run=true", "--n_epochs=auto",
                      "--batch_size=auto", "--lr_multiplier=auto", "--max_steps=0"])
-    match = re.search(r"dry run: 60 examples, ([\d,]+) tokens \([\d,]+ in the loss\) x 3 epochs = ([\d,]+) tokens; "
+    match = re.search(r"dry run: 60 examples, ([\d,]+) tokens \([\d,]+ in the loss\) x 7 epochs = ([\d,]+) tokens; "
                       r"(\d+) steps of 1 x 256-token packs; ~[\d.]+ s a step here, so ~[\d.]+ min on cpu", proc.stdout)
     assert match, proc.stdout
     tokens, total, steps = (int(g.replace(",", "")) for g in match.groups())
-    assert total == 3 * tokens and tokens > 60 * 50
+    assert total == 7 * tokens and tokens > 60 * 50
     # a batch of 1 example is shorter than a pack, so a step holds a 256-token pack's worth of examples
-    assert steps == steps_for(60, 3, max(1, 1 * 256 / (tokens / 60))) == math.ceil(3 * tokens / 256)
-    assert "auto: 3 epochs: 60 examples x 3 epochs is within 100-25,000" in proc.stderr
+    assert steps == steps_for(60, 7, max(1, 1 * 256 / (tokens / 60))) == math.ceil(7 * tokens / 256)
+    assert "auto: 7 epochs: 60 examples x 7 epochs is within 100-60,000 (an LM from scratch" in proc.stderr
     assert not (out / "checkpoints").exists() and not (out / "export").exists()
     assert not (out / "metrics.jsonl").exists()
 
@@ -359,6 +360,7 @@ def test_every_preset_parses():
     (["--n_epochs=lots"], "--n_epochs"),
     (["--max_tokens=1024"], "--max_tokens=1024 is over --pack_tokens=512: a sample must fit a pack"),
     (["--ckpt_every=0"], "--ckpt_every must be >= 1, got 0"),
+    (["--image_positions=6"], "--image_positions must be 0 (off) or a positive multiple of 4"),
     (["--stage=sft"], "--stage=sft trains on top of an aligned model: give --init_from=<the align run>"),
 ])
 def test_bad_config_is_refused_with_a_message(args, message):

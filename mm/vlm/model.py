@@ -45,22 +45,45 @@ def pixel_shuffle(tokens: torch.Tensor, factor: int) -> torch.Tensor:
     return grid.reshape(n, cells * cells, factor * factor * dim)
 
 
+def grid_positions(count: int, dim: int) -> torch.Tensor:
+    """[count, dim] fixed 2-D sine/cosine features of a square token grid (row-major), as DETR gives its ResNet
+    features: x and y each at dim / 4 frequencies (pi, 2 pi, 4 pi, ...) of the cell centre in [0, 1]."""
+    side = math.isqrt(count)
+    if side * side != count or dim % 4:
+        raise ValueError(f"grid positions need a square token grid and a dim divisible by 4; got {count} tokens, "
+                         f"dim {dim} (the recipe's --image_positions=0 turns them off)")
+    centre = (torch.arange(side, dtype=torch.float32) + 0.5) / side
+    y, x = (c.reshape(-1, 1) for c in torch.meshgrid(centre, centre, indexing="ij"))
+    angles = math.pi * 2.0 ** torch.arange(dim // 4, dtype=torch.float32)
+    return torch.cat([(x * angles).sin(), (x * angles).cos(), (y * angles).sin(), (y * angles).cos()], dim=1)
+
+
 class Projector(nn.Module):
     """LLaVA-1.5's projector: Linear -> GELU -> Linear from vision width to LM width, after an optional pixel
-    shuffle. forward(tokens [n, N, in_dim]) -> [n, N / factor^2, out_dim]."""
+    shuffle. forward(tokens [n, N, in_dim]) -> [n, N / factor^2, out_dim].
 
-    def __init__(self, in_dim: int, out_dim: int, pixel_shuffle: int = 1):
+    position_dim > 0 appends grid_positions to each token before the MLP. A ViT's patch tokens carry their place
+    (its position embedding is added at the input), but a convnet's feature map does not, and the LM's RoPE only
+    weighs attention by distance, never puts a place into what it reads: without them, "where is the star?" has
+    no answer in the LM's input. DETR adds the same kind of fixed features to its ResNet map."""
+
+    def __init__(self, in_dim: int, out_dim: int, pixel_shuffle: int = 1, position_dim: int = 0):
         super().__init__()
-        self.in_dim, self.out_dim, self.factor = in_dim, out_dim, pixel_shuffle
-        self.net = nn.Sequential(nn.Linear(in_dim * pixel_shuffle ** 2, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+        self.in_dim, self.out_dim, self.factor, self.position_dim = in_dim, out_dim, pixel_shuffle, position_dim
+        self.net = nn.Sequential(nn.Linear(in_dim * pixel_shuffle ** 2 + position_dim, out_dim), nn.GELU(),
+                                 nn.Linear(out_dim, out_dim))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.factor > 1:
             tokens = pixel_shuffle(tokens, self.factor)
+        if self.position_dim:
+            places = grid_positions(tokens.shape[1], self.position_dim).to(tokens)
+            tokens = torch.cat([tokens, places.expand(tokens.shape[0], -1, -1)], dim=-1)
         return self.net(tokens)
 
     def describe(self) -> dict:
-        return {"in_dim": self.in_dim, "out_dim": self.out_dim, "pixel_shuffle": self.factor}
+        return {"in_dim": self.in_dim, "out_dim": self.out_dim, "pixel_shuffle": self.factor,
+                "position_dim": self.position_dim}
 
 
 # ---------------------------------------------------------------- the model
@@ -125,11 +148,12 @@ class VisionLanguageModel(nn.Module):
         return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
 
-def build_vlm(vision: VisionTower, lm: nn.Module, tokenizer, pixel_shuffle: int = 1) -> VisionLanguageModel:
+def build_vlm(vision: VisionTower, lm: nn.Module, tokenizer, pixel_shuffle: int = 1,
+              position_dim: int = 0) -> VisionLanguageModel:
     """Compose a new model: registers <image> in the tokenizer (growing the LM's embeddings if needed) and makes
     a freshly initialised projector from the tower's width to the LM's."""
     image_token_id = add_image_token(lm, tokenizer)
-    projector = Projector(vision.out_dim, lm.get_input_embeddings().embedding_dim, pixel_shuffle)
+    projector = Projector(vision.out_dim, lm.get_input_embeddings().embedding_dim, pixel_shuffle, position_dim)
     return VisionLanguageModel(vision, projector, lm, image_token_id)
 
 

@@ -77,6 +77,8 @@ class VLMConfig:
     vision_layer: int = -2  # which block's patch tokens (LLaVA: the penultimate)
     image_size: int = 64  # input size for a convolutional tower (0: its own; larger gives more tokens)
     pixel_shuffle: int = 1  # token reduction factor r: r^2 tokens -> 1 (1: off)
+    image_positions: int = 16  # fixed 2-D sine features of each image token's grid cell, given to the projector with
+    #                            it (0: off): a convnet's map does not say where a token is (mm.vlm.model.Projector)
     attn_implementation: Literal["mm_varlen", "sdpa", "eager", "flash_attention_2"] = "mm_varlen"  # the LM's attention (mm_varlen: per packed sample, no T x T mask)
     init_from: str | None = None  # a previous vision-chat run or export to continue from (e.g. after --stage=align)
     # --- what trains
@@ -123,6 +125,9 @@ def check_config(cfg: VLMConfig) -> None:
     for key in ("max_tokens", "pack_tokens", "ckpt_every", "log_every", "max_images", "pixel_shuffle"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"--{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.image_positions < 0 or cfg.image_positions % 4:
+        raise ConfigError(f"--image_positions must be 0 (off) or a positive multiple of 4 (sine and cosine of x and "
+                          f"y), got {cfg.image_positions}")
     if cfg.max_tokens > cfg.pack_tokens:
         raise ConfigError(f"--max_tokens={cfg.max_tokens} is over --pack_tokens={cfg.pack_tokens}: a sample must fit a pack")
     if cfg.stage == "sft" and not cfg.init_from and cfg.lm == "tiny":
@@ -202,7 +207,9 @@ def validate_data(cfg: VLMConfig, urls: list[str], tokenizer, image_tokens: int)
 def choose_schedule(cfg: VLMConfig, n_examples: int, mean_tokens: float) -> dict:
     """n_epochs, batch_size, lr_multiplier (auto or given), and from them steps and packs per step."""
     chosen, reasons = {}, []
-    for key, rule in (("n_epochs", lambda: auto.auto_epochs(n_examples)), ("batch_size", lambda: auto.auto_batch_size(n_examples))):
+    # the tiny LM starts from scratch (and after an --init_from align run, its LM still is)
+    epochs_rule = lambda: auto.auto_epochs(n_examples, from_scratch=cfg.lm == "tiny")  # noqa: E731
+    for key, rule in (("n_epochs", epochs_rule), ("batch_size", lambda: auto.auto_batch_size(n_examples))):
         if getattr(cfg, key) == "auto":
             choice = rule()
             chosen[key], _ = int(choice.value), reasons.append(choice.reason)
@@ -255,7 +262,7 @@ def build_model(cfg: VLMConfig, urls: list[str], tokenizer_dir: Path, is_main: b
     assert not tiny or cfg.lm_size in TINY_LM_SIZES
     spec, weights = choose_vision(cfg)
     vision = load_vision_tower(spec, weights, layer=cfg.vision_layer, image_size=cfg.image_size or None)
-    return build_vlm(vision, lm, tokenizer, pixel_shuffle=cfg.pixel_shuffle).train(), tokenizer
+    return build_vlm(vision, lm, tokenizer, pixel_shuffle=cfg.pixel_shuffle, position_dim=cfg.image_positions).train(), tokenizer
 
 
 def tower_is_pretrained(cfg: VLMConfig) -> bool:
