@@ -136,7 +136,7 @@ TURNS = (2, 4)  # questions per training conversation, at least and at most (dis
 # Training questions (not held-out ones) sometimes come wrapped: a lead-in before, or "in the image" before the
 # question mark, the same for every type. Without them the tiny LM took the type from such edges ("Can you see a
 # red star in the image?", a held-out exists phrasing, got "left": "in the image?" ended where questions) rather
-# than from the words that say it. A wrapped question still never equals a held-out one (check_heldout_unseen).
+# than from the words that say it. `wrap` never makes a held-out phrasing (check_heldout_unseen checks the written data).
 WRAP_PROBABILITY = 0.25  # each of lead-in and "in the image", independently
 LEAD_INS = ("Look at the image. ", "Question: ", "Tell me, ", "Please answer: ", "One question: ", "Now, ")
 

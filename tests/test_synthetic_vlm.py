@@ -2,6 +2,7 @@
 phrasings and pairs that never reach training."""
 import collections
 import json
+import random
 import re
 
 import pytest
@@ -175,7 +176,10 @@ def test_training_questions_are_sometimes_wrapped_held_out_ones_never(data, tmp_
     assert 0.25 < len(wrapped) / len(turns) < 0.6  # 1 - 0.75^2 = 0.44 where both fit
     assert {t["type"] for t in wrapped} == set(synth.QUESTION_TYPES)
     assert all(unwrapped(t["question"]) & filled(t["type"], 0) for t in turns)
-    assert "Tell me, what colour is the star?" == synth.LEAD_INS[2] + "what colour is the star?"
+    assert not {t["question"] for t in turns} & synth._heldout_texts()  # no wrapping makes a held-out phrasing
+    rng = random.Random(0)  # "Can you see a red star?" + " in the image" is a held-out phrasing: never made
+    assert all(not wrapped.endswith(" in the image?") for wrapped in
+               (synth.wrap(rng, "Can you see a red star?") for _ in range(200)))
     held = sidecar(tmp_path, "heldout")
     assert all(r["question"] in filled(r["type"], 1) for r in held)  # held-out: the templates only
 

@@ -94,6 +94,7 @@ def test_schedule_of_a_large_set_accumulates_packs_to_the_batch():
         {"n_epochs": 3, "batch_size": 10, "lr_multiplier": 1.0, "grad_accum": 3, "pack_tokens": 2000}
     assert got["max_steps"] == steps_for(5000, 3, 10) == 1500
     assert schedule("--n_epochs=auto", n_examples=5000, mean_tokens=600.0)["max_steps"] == 3500  # the tiny LM: 7
+    assert schedule("--n_epochs=auto", "--init_from=runs/vlm", n_examples=5000, mean_tokens=600.0)["n_epochs"] == 3
 
 
 def test_given_values_are_kept_and_max_steps_wins():

@@ -168,6 +168,7 @@ def test_the_loader_decoder_tokenises_a_line_once_and_gives_the_same_sample_agai
     import torch
 
     import mm.vlm.chat
+    import mm.vlm.data
     from mm.vlm.data import vlm_decoder
 
     (tmp_path / "red.png").write_bytes(png_bytes())
@@ -190,6 +191,13 @@ def test_the_loader_decoder_tokenises_a_line_once_and_gives_the_same_sample_agai
     line["messages"][1]["content"] = "It is blue."
     changed = decode(sample(line))
     assert len(calls) == 2 and not torch.equal(changed["labels"], first["labels"])
+    cache = decode.keywords["cache"]
+    assert len(cache.lines) == 2 and all(len(key) == 16 for key in cache.lines)  # digests, not the lines
+    assert cache.tokens == len(first["input_ids"]) + len(changed["input_ids"])
+    monkeypatch.setattr(mm.vlm.data, "TOKEN_CACHE_TOKENS", cache.tokens)  # full: a new line is not kept
+    line["messages"][1]["content"] = "It is green."
+    decode(sample(line)), decode(sample(line))
+    assert len(calls) == 4 and len(cache.lines) == 2
 
 
 # ---------------------------------------------------------------- templates that must fail loudly

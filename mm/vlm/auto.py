@@ -5,8 +5,8 @@
                          the cookbook's rule is for tuning a pretrained chat model, and an LM from scratch
                          learns the language along with the task) the same rule aiming higher: 7 epochs,
                          examples x epochs within 100-60,000. On the built-in data (8,000 conversations) the
-                         tiny LM scored VQA 0.64 after 3 epochs, 0.83 after 6, 0.86 after 7 and 0.86 after 8
-                         (benchmarks/RESULTS.md)
+                         tiny LM scored VQA 0.83 after 6 epochs, 0.86 after 7 and 0.86 after 8; an earlier setup
+                         0.64 after 3 and 0.80 after 6 (benchmarks/RESULTS.md)
     batch_size=auto      about 0.2% of the examples, clamped to 1-256 (OpenAI's service documents the
                          idea, "larger batches for larger datasets", not a formula: this is ours)
     lr_multiplier=auto   2.0 up to 8 examples a batch, 1.0 up to 64, 0.5 above (ours: OpenAI's default

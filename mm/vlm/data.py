@@ -10,6 +10,7 @@ batcher (TokenPacker for packed training, FixedBatcher for the padded mode) grou
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import torch
 
@@ -29,18 +30,37 @@ def vlm_decoder(tokenizer, image_transform, *, image_tokens: int, max_tokens: in
     """
     chat = chat_decoder(image_transform, max_pixels=max_pixels, max_images=max_images, max_image_bytes=max_image_bytes)
     return functools.partial(_decode, chat=chat, tokenizer=tokenizer, image_tokens=image_tokens,
-                             max_tokens=max_tokens, preference=preference, cache={})
+                             max_tokens=max_tokens, preference=preference, cache=_TokenCache())
 
 
 # Tokens of a conversation kept per line (each loader process its own), so later epochs skip the chat template
 # and the tokenizer (rendered 2n+1 times for n answers, ~0.4 ms a conversation): a built-in training step took 72 ms
-# with it against 81-83 without (2-core EPYC).
-# Keyed by the line's bytes, so a changed line is tokenised anew; at most this many lines, as compact tensors.
-TOKEN_CACHE_LINES = 200_000
+# with it against 81-83 without (2-core EPYC). Keyed by a digest of the line's bytes (a line may hold data: URL
+# images), so a changed line is tokenised anew; int32 ids and labels, at most this many tokens (~160 MB a process).
+TOKEN_CACHE_TOKENS = 20_000_000
+
+
+class _TokenCache:
+    """line digest -> (ids, labels, images kept), until TOKEN_CACHE_TOKENS tokens are held."""
+
+    def __init__(self):
+        self.lines, self.tokens = {}, 0
+
+    @staticmethod
+    def key(raw) -> bytes | None:
+        return hashlib.blake2b(raw, digest_size=16).digest() if isinstance(raw, bytes) else None
+
+    def get(self, key):
+        return self.lines.get(key) if key is not None else None
+
+    def put(self, key, ids: torch.Tensor, labels: torch.Tensor, n_images: int) -> None:
+        if key is not None and self.tokens + len(ids) <= TOKEN_CACHE_TOKENS:
+            self.lines[key] = (ids.int(), labels.int(), n_images)
+            self.tokens += len(ids)
 
 
 def _decode(sample: dict, chat, tokenizer, image_tokens: int, max_tokens: int, preference: bool,
-            cache: dict | None = None) -> dict:
+            cache: _TokenCache | None = None) -> dict:
     from mm.vlm.chat import tokenize_chat, tokenize_preference
     decoded = chat(sample)
     name = sample_name(sample)
@@ -52,14 +72,14 @@ def _decode(sample: dict, chat, tokenizer, image_tokens: int, max_tokens: int, p
                                                max_tokens=max_tokens, image_tokens=image_tokens, name=name)
         return {side: _tensors(torch.tensor(t.input_ids), torch.tensor(t.labels), t.n_images, decoded["images"])
                 for side, t in (("chosen", chosen), ("rejected", rejected))}
-    key = sample.get("json") if cache is not None else None
-    if isinstance(key, bytes) and key in cache:
-        ids, labels, n_images = cache[key]
+    key = _TokenCache.key(sample.get("json")) if cache is not None else None
+    if (hit := cache.get(key) if cache is not None else None) is not None:
+        ids, labels, n_images = hit
         return _tensors(ids.long(), labels.long(), n_images, decoded["images"])
     tokens = tokenize_chat(tokenizer, decoded["messages"], max_tokens=max_tokens, image_tokens=image_tokens, name=name)
     ids, labels = torch.tensor(tokens.input_ids), torch.tensor(tokens.labels)
-    if isinstance(key, bytes) and len(cache) < TOKEN_CACHE_LINES:
-        cache[key] = (ids.int(), labels.int(), tokens.n_images)
+    if cache is not None:
+        cache.put(key, ids, labels, tokens.n_images)
     return _tensors(ids, labels, tokens.n_images, decoded["images"])
 
 

@@ -46,8 +46,9 @@ def pixel_shuffle(tokens: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def grid_positions(count: int, dim: int) -> torch.Tensor:
-    """[count, dim] fixed 2-D sine/cosine features of a square token grid (row-major), as DETR gives its ResNet
-    features: x and y each at dim / 4 frequencies (pi, 2 pi, 4 pi, ...) of the cell centre in [0, 1]."""
+    """[count, dim] fixed 2-D sine/cosine features of a square token grid (row-major), in the spirit of DETR's for
+    its ResNet map: x and y each at dim / 4 frequencies (pi, 2 pi, 4 pi, ...) of the cell centre in [0, 1]. On a small
+    grid the highest ones repeat (on 4 x 4, 8 pi is the same in every cell); kept so, as measured (RESULTS.md)."""
     side = math.isqrt(count)
     if side * side != count or dim % 4:
         raise ValueError(f"grid positions need a square token grid and a dim divisible by 4; got {count} tokens, "
@@ -152,6 +153,8 @@ def build_vlm(vision: VisionTower, lm: nn.Module, tokenizer, pixel_shuffle: int 
               position_dim: int = 0) -> VisionLanguageModel:
     """Compose a new model: registers <image> in the tokenizer (growing the LM's embeddings if needed) and makes
     a freshly initialised projector from the tower's width to the LM's."""
+    if position_dim:  # a grid that cannot take them fails here, not at the first batch
+        grid_positions(vision.num_tokens // pixel_shuffle ** 2, position_dim)
     image_token_id = add_image_token(lm, tokenizer)
     projector = Projector(vision.out_dim, lm.get_input_embeddings().embedding_dim, pixel_shuffle, position_dim)
     return VisionLanguageModel(vision, projector, lm, image_token_id)

@@ -207,8 +207,9 @@ def validate_data(cfg: VLMConfig, urls: list[str], tokenizer, image_tokens: int)
 def choose_schedule(cfg: VLMConfig, n_examples: int, mean_tokens: float) -> dict:
     """n_epochs, batch_size, lr_multiplier (auto or given), and from them steps and packs per step."""
     chosen, reasons = {}, []
-    # the tiny LM starts from scratch (and after an --init_from align run, its LM still is)
-    epochs_rule = lambda: auto.auto_epochs(n_examples, from_scratch=cfg.lm == "tiny")  # noqa: E731
+    # the tiny LM starts from scratch; a run continued with --init_from starts from a trained one (after a tiny
+    # align run its LM is still untrained: give --n_epochs there)
+    epochs_rule = lambda: auto.auto_epochs(n_examples, from_scratch=cfg.lm == "tiny" and not cfg.init_from)  # noqa: E731
     for key, rule in (("n_epochs", epochs_rule), ("batch_size", lambda: auto.auto_batch_size(n_examples))):
         if getattr(cfg, key) == "auto":
             choice = rule()
