@@ -328,15 +328,15 @@ def wrong_answer(rng: random.Random, scene: dict, turn: dict) -> str:
     return rng.choice(near or [a for a in options[1] if a != right])
 
 
+def filled_phrasings(which: int) -> set[str]:
+    """Every training (which=0) or held-out (1) phrasing of every type, filled with every colour and shape."""
+    return {template.format(colour=c, shape=s, thing=f"{c} {s}") for train_and_heldout in PHRASINGS.values()
+            for template, (c, s) in itertools.product(train_and_heldout[which], all_pairs())}
+
+
 def check_phrasings_disjoint() -> None:
     """Fail if a held-out phrasing, filled with any colour and shape, equals a training one (of any type)."""
-    def rendered(which):
-        out = set()
-        for train_and_heldout in PHRASINGS.values():
-            for template, (c, s) in itertools.product(train_and_heldout[which], all_pairs()):
-                out.add(template.format(colour=c, shape=s, thing=f"{c} {s}"))
-        return out
-    leaked = rendered(0) & rendered(1)
+    leaked = filled_phrasings(0) & filled_phrasings(1)
     if leaked:
         raise AssertionError(f"held-out phrasings equal training phrasings: {sorted(leaked)[:5]}")
 
@@ -380,9 +380,7 @@ def wrap(rng: random.Random, question: str) -> str:
 
 @functools.cache
 def _heldout_texts() -> frozenset[str]:
-    """Every held-out phrasing filled with every colour and shape."""
-    return frozenset(t.format(colour=c, shape=s, thing=f"{c} {s}") for _, held in PHRASINGS.values() for t in held
-                     for c, s in all_pairs())
+    return frozenset(filled_phrasings(1))
 
 
 def ask(rng: random.Random, scene: dict, kind: str, which: int, yes_no: list[int], absent: list[tuple[str, str]],

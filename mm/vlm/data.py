@@ -51,7 +51,7 @@ class _TokenCache:
         return hashlib.blake2b(raw, digest_size=16).digest() if isinstance(raw, bytes) else None
 
     def get(self, key):
-        return self.lines.get(key) if key is not None else None
+        return self.lines.get(key)
 
     def put(self, key, ids: torch.Tensor, labels: torch.Tensor, n_images: int) -> None:
         if key is not None and self.tokens + len(ids) <= TOKEN_CACHE_TOKENS:
@@ -60,7 +60,7 @@ class _TokenCache:
 
 
 def _decode(sample: dict, chat, tokenizer, image_tokens: int, max_tokens: int, preference: bool,
-            cache: _TokenCache | None = None) -> dict:
+            cache: _TokenCache) -> dict:
     from mm.vlm.chat import tokenize_chat, tokenize_preference
     decoded = chat(sample)
     name = sample_name(sample)
@@ -72,14 +72,13 @@ def _decode(sample: dict, chat, tokenizer, image_tokens: int, max_tokens: int, p
                                                max_tokens=max_tokens, image_tokens=image_tokens, name=name)
         return {side: _tensors(torch.tensor(t.input_ids), torch.tensor(t.labels), t.n_images, decoded["images"])
                 for side, t in (("chosen", chosen), ("rejected", rejected))}
-    key = _TokenCache.key(sample.get("json")) if cache is not None else None
-    if (hit := cache.get(key) if cache is not None else None) is not None:
+    key = _TokenCache.key(sample.get("json"))
+    if (hit := cache.get(key)) is not None:
         ids, labels, n_images = hit
         return _tensors(ids.long(), labels.long(), n_images, decoded["images"])
     tokens = tokenize_chat(tokenizer, decoded["messages"], max_tokens=max_tokens, image_tokens=image_tokens, name=name)
     ids, labels = torch.tensor(tokens.input_ids), torch.tensor(tokens.labels)
-    if cache is not None:
-        cache.put(key, ids, labels, tokens.n_images)
+    cache.put(key, ids, labels, tokens.n_images)
     return _tensors(ids, labels, tokens.n_images, decoded["images"])
 
 

@@ -209,8 +209,9 @@ def choose_schedule(cfg: VLMConfig, n_examples: int, mean_tokens: float) -> dict
     chosen, reasons = {}, []
     # the tiny LM starts from scratch; a run continued with --init_from starts from a trained one (after a tiny
     # align run its LM is still untrained: give --n_epochs there)
-    epochs_rule = lambda: auto.auto_epochs(n_examples, from_scratch=cfg.lm == "tiny" and not cfg.init_from)  # noqa: E731
-    for key, rule in (("n_epochs", epochs_rule), ("batch_size", lambda: auto.auto_batch_size(n_examples))):
+    from_scratch = cfg.lm == "tiny" and not cfg.init_from
+    for key, rule in (("n_epochs", lambda: auto.auto_epochs(n_examples, from_scratch)),
+                      ("batch_size", lambda: auto.auto_batch_size(n_examples))):
         if getattr(cfg, key) == "auto":
             choice = rule()
             chosen[key], _ = int(choice.value), reasons.append(choice.reason)
