@@ -5,7 +5,7 @@
     python benchmarks/vlm_packing.py --samples=200 --lm_size=tiny   # smoke
     python benchmarks/vlm_packing.py --gpu                 # CUDA, bf16 (skipped, saying so, without CUDA)
     python benchmarks/vlm_packing.py --gpu --mix=llava --lm_size=qwen2-0.5b --vision=open_clip:ViT-B-16 \
-        --image_size=0 --loss=targets --batch_tokens=8192 --samples=3000 --lr=1e-4    # ~0.5B LM, ViT-B/16: MFU
+        --image_size=0 --loss=targets --batch_tokens=8192 --samples=900 --lr=1e-4 --warmup=3  # ~0.5B LM: MFU
 
 Three sides train copies of the same model from the same initial weights on the same samples in the same
 order and groups: a step takes the next group of samples (about `--batch_tokens` real tokens).
@@ -231,7 +231,8 @@ def train_interleaved(sides: dict, groups, pad_id: int, device, autocast, row_to
 
 def _sdpa_without_gqa(query, key, value, *args, enable_gqa: bool = False, **kwargs):
     """SDPA with grouped key/value heads repeated up front: the same result and the same attention FLOPs, in a
-    form FlopCounterMode can count (its SDPA formula asserts as many key as query heads)."""
+    form FlopCounterMode can count (torch 2.11's SDPA formula, on the GPU machine, asserts as many key as query
+    heads; 2.14's accepts grouped ones)."""
     if enable_gqa and key.shape[-3] != query.shape[-3]:
         repeat = query.shape[-3] // key.shape[-3]
         key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)

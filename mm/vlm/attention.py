@@ -66,16 +66,26 @@ def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     dropout: float, scaling: float | None, gqa: bool) -> torch.Tensor:
     """Causal attention inside each segment only. query [B, H, T, D], key / value [B, H_kv, T, D], starts from
     segment_starts -> [B, T, H, D] (the layout transformers' attention functions return)."""
-    if query.is_cuda:  # each segment length is a new shape: cuDNN's SDPA plans a graph for every one
-        with sdpa_kernel(_CUDA_BACKENDS):
+    backends = _without_cudnn() if query.is_cuda else []
+    if backends:
+        with sdpa_kernel(backends):
             return _attend_segments(query, key, value, starts, dropout, scaling, gqa)
     return _attend_segments(query, key, value, starts, dropout, scaling, gqa)
 
 
-# Flash first, then memory-efficient (no GQA), then math: none of them builds a plan per shape. On an H100 the
-# default pick, cuDNN's kernel, trained a packed 0.5B LM at 2,417 tokens/s against 18,179 with these
-# (benchmarks/RESULTS.md, "GPU: a ~0.5B LM with a ViT-B/16 tower").
-_CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+def _without_cudnn() -> list:
+    """The SDPA backends the caller has enabled, less cuDNN's ([] when cuDNN is off already, or is all there is).
+
+    Each segment length is a new shape, and cuDNN's kernel plans a graph for every one: on an H100 it trained a
+    packed 0.5B LM at 2,417 tokens/s against 18,179 without it (benchmarks/RESULTS.md, "GPU: a ~0.5B LM with a
+    ViT-B/16 tower"). Torch then picks flash (bf16/fp16; it takes grouped KV heads), else memory-efficient (not with
+    grouped heads), else math. A caller's own choice, e.g. sdpa_kernel(SDPBackend.MATH), is kept."""
+    cuda = torch.backends.cuda
+    if not cuda.cudnn_sdp_enabled():
+        return []
+    return [backend for backend, enabled in ((SDPBackend.FLASH_ATTENTION, cuda.flash_sdp_enabled()),
+                                             (SDPBackend.EFFICIENT_ATTENTION, cuda.mem_efficient_sdp_enabled()),
+                                             (SDPBackend.MATH, cuda.math_sdp_enabled())) if enabled]
 
 
 def _attend_segments(query, key, value, starts, dropout, scaling, gqa) -> torch.Tensor:
