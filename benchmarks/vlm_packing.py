@@ -60,7 +60,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.clip_vs_open_clip import machine  # noqa: E402
+from benchmarks.clip_vs_open_clip import machine, mfu  # noqa: E402
 from mm.checkpoint import atomic_write  # noqa: E402
 from mm.shards import read_samples  # noqa: E402
 from mm.vlm.data import vlm_decoder  # noqa: E402
@@ -368,9 +368,8 @@ def main(argv=None) -> dict:
     train_interleaved(sides, groups, tokenizer.pad_token_id, device, autocast, a.row_tokens, a.warmup, targets_only)
     flops_per_token = None
     if a.gpu or a.flops:
-        timed = groups[a.warmup:]
-        flops = count_flops(sides["varlen"]["model"], timed, device, autocast, targets_only)
-        flops_per_token = flops / sum(len(s["input_ids"]) for g in timed for s in g)
+        flops = count_flops(sides["varlen"]["model"], groups[a.warmup:], device, autocast, targets_only)
+        flops_per_token = flops / sides["varlen"]["real"]  # the real tokens of those same timed steps
         results["train_flops_per_real_token"] = flops_per_token
         print(f"FLOPs counted at {time.perf_counter() - t0:.0f} s", flush=True)
     for name, side in sides.items():
@@ -379,7 +378,7 @@ def main(argv=None) -> dict:
                "heldout_loss": heldout(side["model"], held, tokenizer.pad_token_id, device, autocast)}
         if flops_per_token:
             row["tflops"] = flops_per_token * row["tokens_per_s"] / 1e12
-            row["mfu"] = row["tflops"] / a.peak_tflops
+            row["mfu"] = mfu(row["tokens_per_s"], flops_per_token, a.peak_tflops)
         results[name] = row
         print(f"{name:>7} ({row['attn']:>9}): {row['tokens_per_s']:,.0f} real tokens/s, {row['padded_share']:.1%} "
               f"padding, {row['seconds']:.1f} s, held-out loss {row['heldout_loss']:.4f} after {len(train)} samples"
