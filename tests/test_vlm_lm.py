@@ -85,9 +85,21 @@ def test_attention_implementation_is_selectable_and_agrees(tmp_path):
 def test_named_sizes_and_clear_errors(tmp_path):
     config = named_tiny_lm_config("tiny-128", vocab_size=500)
     assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (128, 2, 500)
+    assert config.initializer_range == 0.06  # not Llama's 0.02 (mm.vlm.lm.TINY_INIT_STD)
     with pytest.raises(ValueError, match="tiny sizes are"):
         named_tiny_lm_config("huge", vocab_size=500)
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         load_lm("HuggingFaceTB/SmolLM2-135M-Instruct")
     with pytest.raises(ValueError, match="no tokenizer in"):
         load_lm("tiny", tokenizer_dir=tmp_path)
+
+
+def test_tiny_lm_weights_start_at_std_0_06(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    for name in ("tiny", "tiny-128"):
+        lm = AutoModelForCausalLM.from_config(named_tiny_lm_config(name, vocab_size=1000))
+        want = 0.06
+        assert lm.get_input_embeddings().weight.std().item() == pytest.approx(want, rel=0.05)
+        assert lm.model.layers[0].mlp.up_proj.weight.std().item() == pytest.approx(want, rel=0.05)
