@@ -27,24 +27,26 @@ sys.path.insert(0, str(ROOT))
 
 from data_tools.synthetic_clip import COLOURS, SHAPES  # noqa: E402
 from data_tools.synthetic_vlm import all_pairs, make_scene, render_scene, reserved_pairs  # noqa: E402
+from mm.vlm.vision import VisionTower, image_transform, load_vision_tower  # noqa: E402
 
 
-def tower_features(tower, pairs: list[tuple[str, str]], n: int, rng: random.Random, image_size: int):
+def tower_features(tower: VisionTower, pairs: list[tuple[str, str]], n: int, rng: random.Random,
+                   image_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """n one-object scenes of pairs drawn at random: (pooled tokens [n, d], colour index [n], shape index [n])."""
-    from mm.vlm.vision import image_transform
-
     transform, images, colours, shapes = image_transform(tower, train=False), [], [], []
+    colour_index = {name: i for i, name in enumerate(COLOURS)}
     for _ in range(n):
         pair = rng.choice(pairs)
         images.append(transform(render_scene(make_scene(rng, [pair], 1, include=pair), image_size, rng)))
-        colours.append(list(COLOURS).index(pair[0]))
+        colours.append(colour_index[pair[0]])
         shapes.append(SHAPES.index(pair[1]))
     with torch.no_grad():
         tokens = torch.cat([tower(torch.stack(images[i:i + 64])) for i in range(0, n, 64)])
     return tokens.mean(1), torch.tensor(colours), torch.tensor(shapes)
 
 
-def linear_probe(x_train, y_train, x_test, y_test, classes: int, steps: int = 300) -> tuple[float, float]:
+def linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+                 classes: int, steps: int = 300) -> tuple[float, float]:
     """Softmax regression on standardised features: (accuracy on the training set, on the test set)."""
     mean, std = x_train.mean(0), x_train.std(0) + 1e-5
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
@@ -68,8 +70,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--test", type=int, default=300, help="scenes of the held-out pairs")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-
-    from mm.vlm.vision import load_vision_tower
 
     torch.manual_seed(a.seed)
     tower = load_vision_tower(a.vision, layer=a.layer, image_size=a.image_size).eval()

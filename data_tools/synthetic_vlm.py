@@ -539,7 +539,7 @@ def main(argv=None):
     p.add_argument("--out", default="data/vlm_synth")
     p.add_argument("--train", type=int, default=8000, help="multi-turn Q&A conversations")
     p.add_argument("--align", type=int, default=2000, help="image-caption lines")
-    p.add_argument("--heldout", type=int, default=1200, help="held-out questions, one per line (1,050 scored: ~0.01 standard error at 0.85)")
+    p.add_argument("--heldout", type=int, default=1200, help="held-out questions, one per line (the default: 1,050 scored, ~0.01 standard error at 0.85)")
     p.add_argument("--prefs", type=int, default=300, help="preference pairs")
     p.add_argument("--image_size", type=int, default=64, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)

@@ -94,12 +94,11 @@ def test_named_sizes_and_clear_errors(tmp_path):
         load_lm("tiny", tokenizer_dir=tmp_path)
 
 
-def test_tiny_lm_weights_start_at_std_0_06(tmp_path):
+def test_tiny_lm_weights_start_at_std_0_06():
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     for name in ("tiny", "tiny-128"):
         lm = AutoModelForCausalLM.from_config(named_tiny_lm_config(name, vocab_size=1000))
-        want = 0.06
-        assert lm.get_input_embeddings().weight.std().item() == pytest.approx(want, rel=0.05)
-        assert lm.model.layers[0].mlp.up_proj.weight.std().item() == pytest.approx(want, rel=0.05)
+        assert lm.get_input_embeddings().weight.std().item() == pytest.approx(0.06, rel=0.05)
+        assert lm.model.layers[0].mlp.up_proj.weight.std().item() == pytest.approx(0.06, rel=0.05)

@@ -113,7 +113,7 @@ class VLMConfig:
     ckpt_every: int = 200  # steps between checkpoints
     keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
     eval_every: int = 0  # steps between evaluations (0: only at the end)
-    eval_limit: int = 1200  # held-out questions asked (0: all): all of the built-in split (~6 s here)
+    eval_limit: int = 1200  # held-out questions asked (0: all): the built-in split's size (~6 s here); a longer file is cut
     log_every: int = 20  # steps between metrics.jsonl rows
     tensorboard: bool = True  # also log to <out_dir>/tensorboard
     wandb_project: str | None = None  # log to this wandb project (needs `pip install wandb`)
