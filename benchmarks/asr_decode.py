@@ -50,8 +50,9 @@ and hf's texts differ. Untimed, on `--check_clips` clips, the program decodes hf
 
 `--gpu` (CUDA only; skipped with a message otherwise): whisper-base dims with random weights and OpenAI's
 multilingual vocabulary, long-form files made of held-out clips end to end, transcribed by `transcribe_many` in
-lockstep batches of 30 s windows; audio hours per hour of wall time, fp32 and bf16 autocast. Random weights do not
-end a window as a trained model does, so <|endoftext|> and the timestamp tokens are suppressed and every window
+lockstep batches of 30 s windows; audio hours per hour of wall time, fp32, bf16 autocast and bf16 weights (the model
+cast, as openai-whisper casts to fp16). Random weights do not end a window as a trained model does, so
+<|endoftext|> and the timestamp tokens are suppressed and every window
 decodes exactly `--gpu_tokens` tokens (default 100, about what 30 s of speech takes): a fixed load. Ours only: the
 peers' long-form paths are not run on the GPU.
 Writes <out>/results.json with every figure and every transcript.
@@ -375,11 +376,16 @@ def long_files(clips: list[Clip], n_files: int, minutes: float) -> list[np.ndarr
     return [tiled[i * step:i * step + n].copy() for i in range(n_files)]
 
 
+PRECISIONS = ("fp32", "bf16 autocast", "bf16 weights")
+
+
 def longform_throughput(model_name: str, device: str, audios: list[np.ndarray], batch_size: int, tokens: int,
-                        bf16: bool) -> dict:
+                        precision: str) -> dict:
     """Audio hours per hour of `transcribe_many` with `model_name` dims, random weights and OpenAI's vocabulary:
     30 s windows (pad_to_30s), greedy, no timestamps, each window exactly `tokens` text tokens (<|endoftext|> and the
-    timestamp tokens suppressed: random weights would stop at any step, or cut a window short with timestamps)."""
+    timestamp tokens suppressed: random weights would stop at any step, or cut a window short with timestamps).
+    precision: one of PRECISIONS. "bf16 weights" casts the model, as openai-whisper's fp16 does; autocast keeps
+    fp32 weights and casts them again at every decoding step."""
     import whisper
 
     from mm.asr.features import HOP_LENGTH, N_FRAMES
@@ -389,13 +395,17 @@ def longform_throughput(model_name: str, device: str, audios: list[np.ndarray], 
 
     tokenizer = tokenizer_from_tiktoken(Path(whisper.__file__).parent / "assets" / "multilingual.tiktoken")
     torch.manual_seed(0)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS}")
     model = Whisper(dims_for(model_name, n_vocab=tokenizer.vocab_size, n_mels=80)).to(device).eval()
+    if precision == "bf16 weights":
+        model = model.to(torch.bfloat16)
     options = TranscribeOptions(**NO_FALLBACK, pad_to_30s=True, sample_len=tokens, suppress_blank=False,
                                 suppress_tokens=[*text_only_suppression(tokenizer), tokenizer.eot])
     dev = torch.device(device)
 
     def run(files):
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16 autocast"):
             return transcribe_many(model, tokenizer, files, "en", "transcribe", False, options, batch_size)
 
     run([audios[0][:16000 * 40]])  # warm-up: two windows
@@ -408,7 +418,7 @@ def longform_throughput(model_name: str, device: str, audios: list[np.ndarray], 
     wall = time.perf_counter() - t0
     audio_s = sum(len(a) for a in audios) / 16000
     windows = sum(math.ceil(len(a) // HOP_LENGTH / N_FRAMES) for a in audios)  # 30 s each, the last one shorter
-    return {"model": model_name, "dtype": "bf16 autocast" if bf16 else "fp32", "files": len(audios),
+    return {"model": model_name, "dtype": precision, "files": len(audios),
             "audio_h": audio_s / 3600, "wall_s": wall, "audio_hours_per_hour": audio_s / wall, "windows": windows,
             "segments": sum(len(t.segments) for t in found), "batch_size": batch_size, "tokens_per_window": tokens}
 
@@ -493,8 +503,8 @@ def main(argv=None) -> dict:
         res["notes"].append("--gpu: skipped, CUDA is not available on this machine (no long-form GPU figures).")
     elif args.gpu:
         audios = long_files(clips, args.gpu_files, args.gpu_minutes)
-        res["gpu"] = [longform_throughput(args.gpu_model, "cuda", audios, args.gpu_batch_size, args.gpu_tokens, bf16)
-                      for bf16 in (False, True)]
+        res["gpu"] = [longform_throughput(args.gpu_model, "cuda", audios, args.gpu_batch_size, args.gpu_tokens,
+                                          precision) for precision in PRECISIONS]
         print(f"\nGPU long-form, {args.gpu_model} dims, random weights, {len(audios)} files of "
               f"{args.gpu_minutes:g} min, batches of {args.gpu_batch_size} windows, {args.gpu_tokens} tokens a window:")
         for r in res["gpu"]:

@@ -76,6 +76,7 @@ def recipe_defaults():
     import importlib.util
     spec = importlib.util.spec_from_file_location("asr_recipe", ROOT / "recipes" / "asr" / "train.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
     return module.ASRConfig()
 

@@ -165,6 +165,20 @@ def test_kv_cache_decoding_equals_full_forward(model):
         torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_a_model_cast_to_bf16_takes_fp32_mel_and_stays_near_fp32(model):
+    """As openai-whisper casts to fp16 on GPUs: the cast model takes the fp32 log-mel the feature code gives."""
+    import copy
+
+    mel, tokens = inputs(batch=2, frames=60, n_tokens=5)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    with torch.no_grad():
+        want = model.logits(tokens, *model.embed_audio(mel, torch.tensor([60, 41])))
+        xa, mask = half.embed_audio(mel, torch.tensor([60, 41]))
+        got = half.logits(tokens, xa, mask)
+    assert xa.dtype == torch.bfloat16 and got.dtype == torch.float32
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
 def test_too_long_inputs_are_clear_errors(model):
     mel, tokens = inputs(batch=1, frames=2 * DIMS.n_audio_ctx + 1)
     with pytest.raises(ValueError, match="n_audio_ctx=50"):

@@ -81,7 +81,7 @@ def test_long_form_throughput_path_on_cpu(tiny_run):
     clips = load_clips(tiny_run[1])
     audios = long_files(clips, n_files=2, minutes=0.75)  # 45 s each: two windows
     assert [len(a) for a in audios] == [720000, 720000] and not np.array_equal(audios[0], audios[1])
-    for bf16 in (False, True):
-        r = longform_throughput("cpu_tiny", "cpu", audios, batch_size=2, tokens=3, bf16=bf16)
+    for precision in ("fp32", "bf16 autocast", "bf16 weights"):
+        r = longform_throughput("cpu_tiny", "cpu", audios, batch_size=2, tokens=3, precision=precision)
         assert r["windows"] == r["segments"] == 4  # each window decoded once, to one segment
         assert r["audio_h"] == pytest.approx(90 / 3600) and r["audio_hours_per_hour"] > 0
