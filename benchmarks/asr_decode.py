@@ -384,8 +384,8 @@ def longform_throughput(model_name: str, device: str, audios: list[np.ndarray], 
     """Audio hours per hour of `transcribe_many` with `model_name` dims, random weights and OpenAI's vocabulary:
     30 s windows (pad_to_30s), greedy, no timestamps, each window exactly `tokens` text tokens (<|endoftext|> and the
     timestamp tokens suppressed: random weights would stop at any step, or cut a window short with timestamps).
-    precision: one of PRECISIONS. "bf16 weights" casts the model, as openai-whisper's fp16 does; autocast keeps
-    fp32 weights and casts them again at every decoding step."""
+    precision: one of PRECISIONS. "bf16 weights" casts the model once, as openai-whisper's fp16 does; autocast keeps
+    fp32 weights (it caches their casts, except the tied output projection's view) and casts activations per op."""
     import whisper
 
     from mm.asr.features import HOP_LENGTH, N_FRAMES

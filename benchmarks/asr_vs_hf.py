@@ -77,7 +77,11 @@ def recipe_defaults():
     spec = importlib.util.spec_from_file_location("asr_recipe", ROOT / "recipes" / "asr" / "train.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(spec.name, None)
+        raise
     return module.ASRConfig()
 
 

@@ -93,9 +93,9 @@ def count_train_flops_per_sample(model_name: str) -> dict[str, float]:
 
     Forward FLOPs are counted by torch's FlopCounterMode on a batch of one. Attention runs through the
     math SDPA backend while counting, because the CPU flash kernel has no FLOP formula (it would count 0).
-    Autograd stays on: under no_grad, eval-mode nn.MultiheadAttention takes its fused fast path, which the
-    counter does not see (ViT-B-32 counted 11.85 GFLOP forward instead of 14.78: no image-tower QKV nor
-    attention).
+    nn.MultiheadAttention's fused fast path is off while counting, and autograd stays on (either alone keeps an
+    eval-mode model off it): the counter does not see that path. Under no_grad, ViT-B-32 counted 11.85 GFLOP
+    forward instead of 14.78, none of the image tower's attention blocks (q/k/v, scores, out projection).
     The contrastive loss (B x B logits, O(B * embed_dim) per sample) is left out; it is < 0.1% here.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -106,9 +106,13 @@ def count_train_flops_per_sample(model_name: str) -> dict[str, float]:
     size = model.visual.image_size
     size = size if isinstance(size, int) else size[0]
     images, texts = torch.randn(1, 3, size, size), tokenizer(["a photo of a red circle."])
-    counter = FlopCounterMode(display=False)
-    with sdpa_kernel(SDPBackend.MATH), counter:
-        model(images, texts)
+    counter, fastpath = FlopCounterMode(display=False), torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH), counter:
+            model(images, texts)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     forward = counter.get_total_flops()
     return {"forward_flops": forward, "train_flops": 3 * forward,
             "params": sum(p.numel() for p in model.parameters())}

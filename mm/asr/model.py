@@ -151,7 +151,7 @@ class AudioEncoder(nn.Module):
         Frames past a sample's length may hold anything (the collate pads with 0): they are zeroed here, the
         value conv1's own zero padding gives, then conv1's outputs there are zeroed again before conv2 and
         padded frames are masked as keys. So a sample's valid outputs equal those of it encoded alone."""
-        mel = mel.to(self.conv1.weight.dtype)  # a model cast to bf16/fp16 takes fp32 log-mel (under autocast: no-op)
+        mel = mel.to(self.conv1.weight.dtype)  # a model cast to bf16/fp16 takes fp32 log-mel (an fp32 model: no-op)
         n_frames = (mel.shape[-1] + 1) // 2
         if n_frames > self.positional_embedding.shape[0]:
             raise ValueError(f"mel of {mel.shape[-1]} frames gives {n_frames} encoder positions, more than "
