@@ -338,8 +338,14 @@ def test_short_clips_are_transcribed(model_and_tokenizer, trained_run):
     pairs = [(g.text, m["text"]) for g, (_, m) in zip(got, clips)]
     assert sum(a == b for a, b in pairs) >= 7, pairs
     assert [g.language for g in got] == [m["language"] for _, m in clips]
-    assert all(len(g.segments) == 1 and g.segments[0].start == 0 for g in got)
-    assert all(abs(g.segments[0].end - len(a) // 160 / 100) < 1e-9 for g, (a, _) in zip(got, clips))
+    # One window without timestamps: at most one segment, from 0 to the clip's end, and exactly one for every clip
+    # transcribed right. A clip the model hears as nothing or as silence has none (transcribe drops empty segments).
+    # Asking one segment of all nine failed once in CI on a 2-core Xeon (2026-11-23), with 7+ of 9 texts still right,
+    # and passed in four reruns there: the tiny model may miss up to two clips, and what it makes of them varies.
+    assert all(len(g.segments) == 1 for g, (text, want) in zip(got, pairs) if text == want)
+    assert all(len(g.segments) <= 1 for g in got) and all(g.segments or not g.text for g in got)
+    assert all(g.segments[0].start == 0 and abs(g.segments[0].end - len(a) // 160 / 100) < 1e-9
+               for g, (a, _) in zip(got, clips) if g.segments)
 
 
 def test_long_audio_segments_are_ordered_and_inside_the_audio(model_and_tokenizer, long_audio):
