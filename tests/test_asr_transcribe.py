@@ -44,6 +44,17 @@ def test_split_window_without_pairs_gives_one_segment_for_the_window():
     assert segments == [(0.0, 1.2, [tb + 10, 1, 2, tb + 60])] and advance == 3000
 
 
+def test_split_window_starts_a_first_piece_without_a_timestamp_at_the_window_start():
+    """A window decoded without timestamps whose model says some anyway ("a b <|1.00|><|1.00|> c <|2.00|>"): the
+    first piece has no start timestamp, and starts at 0.00, never at its first text token read as a time (openai's
+    -1.98 here). Seen in CI: the session's tiny model gave the ASR demo a segment at -2.82 s, which its subtitle
+    writer refused."""
+    tb = 100
+    segments, advance = T.split_window([1, 2, tb + 50, tb + 50, 3, tb + 100], tb, 3000)
+    assert [(s, e) for s, e, _ in segments] == [(0.0, 1.0), (1.0, 2.0)] and advance == 3000
+    assert all(0 <= s <= e for s, e, _ in segments)
+
+
 def test_split_window_never_seeks_back_to_the_window_start():
     """<|0.00|><|0.00|> then text: openai-whisper and transformers seek to 0.00 and decode the same window for
     ever (transformers' generate looped 13 minutes on such a held-out clip); here it is one segment and the
@@ -338,14 +349,15 @@ def test_short_clips_are_transcribed(model_and_tokenizer, trained_run):
     pairs = [(g.text, m["text"]) for g, (_, m) in zip(got, clips)]
     assert sum(a == b for a, b in pairs) >= 7, pairs
     assert [g.language for g in got] == [m["language"] for _, m in clips]
-    # One window without timestamps: at most one segment, from 0 to the clip's end, and exactly one for every clip
-    # transcribed right. A clip the model hears as nothing or as silence has none (transcribe drops empty segments).
-    # Asking one segment of all nine failed once in CI on a 2-core Xeon (2026-11-23), with 7+ of 9 texts still right,
-    # and passed in four reruns there: the tiny model may miss up to two clips, and what it makes of them varies.
-    assert all(len(g.segments) == 1 for g, (text, want) in zip(got, pairs) if text == want)
-    assert all(len(g.segments) <= 1 for g in got) and all(g.segments or not g.text for g in got)
-    assert all(g.segments[0].start == 0 and abs(g.segments[0].end - len(a) // 160 / 100) < 1e-9
-               for g, (a, _) in zip(got, clips) if g.segments)
+    for g, (audio, _), (text, want) in zip(got, clips, pairs):
+        spans, end = [(seg.start, seg.end) for seg in g.segments], len(audio) // 160 / 100
+        assert all(0 <= s0 <= s1 <= end + 1e-9 for s0, s1 in spans) and spans == sorted(spans)  # inside, in order
+        # one window asked for no timestamps: one segment for the whole clip, or none for a clip heard as nothing.
+        # The tiny session model sometimes says a timestamp anyway (seen in CI on a 2-core Xeon); then the window
+        # is cut there, as openai-whisper cuts it (split_window)
+        said_times = any(t >= tok.timestamp_begin for seg in g.segments for t in seg.tokens)
+        if not said_times:
+            assert spans in ([], [(0, pytest.approx(end, abs=1e-9))]) and bool(spans) == bool(text), (text, spans)
 
 
 def test_long_audio_segments_are_ordered_and_inside_the_audio(model_and_tokenizer, long_audio):
@@ -366,8 +378,10 @@ def test_long_audio_segments_are_ordered_and_inside_the_audio(model_and_tokenize
                          ids=["defaults", "initial_prompt", "no_context,no_timestamps"])
 def test_long_form_equals_openai_transcribe(model_and_tokenizer, trained_run, long_audio, monkeypatch, options):
     """whisper.transcribe and ours on the same weights and audio (30 s padded windows, as openai; greedy, so
-    no random draws): the same segments, token for token, at the same times. (Ours drops the segments
-    openai empties.)"""
+    no random draws): the same segments, token for token, at the same times. Two differences: ours drops the segments
+    openai empties, and starts a segment that no timestamp opens at its window's start, where openai reads its first
+    text token as a time (without timestamps, this model says some anyway: openai puts one at 27.74 s in the window
+    from 30 s; split_window)."""
     import sys
 
     import whisper
@@ -383,8 +397,12 @@ def test_long_form_equals_openai_transcribe(model_and_tokenizer, trained_run, lo
                        options=T.TranscribeOptions(temperature=0.0, **options))
     kept = [s for s in want["segments"] if s["text"].strip()]
     assert len(kept) >= 2
+
+    def start(s):  # openai's start, or its window's start (seek, in 10 ms frames) when no timestamp opens the segment
+        return s["start"] if s["tokens"][0] >= tok.timestamp_begin else s["seek"] * 160 / SR
+
     assert [(s.seek, s.start, s.end, s.tokens, s.text) for s in got.segments] == \
-        [(s["seek"], s["start"], s["end"], s["tokens"], s["text"]) for s in kept]
+        [(s["seek"], start(s), s["end"], s["tokens"], s["text"]) for s in kept]
     assert [s.avg_logprob for s in got.segments] == pytest.approx([s["avg_logprob"] for s in kept], abs=1e-4)
     assert got.text == want["text"].strip()
 
