@@ -18,9 +18,10 @@ a finished one. `transcribe` is transcribe_many of one file.
 
 Not carried over from whisper.transcribe: word timestamps, clip_timestamps, carry_initial_prompt and
 hallucination_silence_threshold. Segments without text (or of zero length) are dropped rather than kept
-empty, and a segment that no timestamp opens (a model that says timestamps when asked for none) starts at its
-window's start, where whisper.transcribe reads its first text token as a time, before the window. VAD (optional) is an energy threshold (librosa.effects.split): it cuts long silences before
-decoding and maps the timestamps back; Silero VAD would be better at noise but needs a model download.
+empty. A segment that no timestamp opens (from a model that says timestamps when asked for none) starts at its
+window's start; whisper.transcribe reads its first text token as a time, before the window. VAD (optional) is an
+energy threshold (librosa.effects.split): it cuts long silences before decoding and maps the timestamps back;
+Silero VAD would be better at noise but needs a model download.
 """
 from __future__ import annotations
 
@@ -141,10 +142,10 @@ def split_window(tokens: list[int], timestamp_begin: int, segment_size: int) -> 
         slices.append(len(tokens))
     segments, last = [], 0
     for cut in slices:
-        piece = tokens[last:cut]  # ends in a timestamp; starts in one, except the first piece of a stray-timestamp window
+        piece = tokens[last:cut]  # ends in a timestamp; starts in one, unless it is a stray-timestamp window's first
         # Without timestamps (<|notimestamps|>) nothing makes the first token a timestamp, and a weak model may
         # still say "text <|1.00|><|1.00|> text": the first piece then starts at the window's start. openai-whisper
-        # reads its first text token as a time and gives that segment a negative start.
+        # reads its first text token as a time: a start before the window, negative in the first one.
         start = (piece[0] - timestamp_begin) * TIME_PRECISION if piece[0] >= timestamp_begin else 0.0
         segments.append((start, (piece[-1] - timestamp_begin) * TIME_PRECISION, piece))
         last = cut
