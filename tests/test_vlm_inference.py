@@ -60,10 +60,22 @@ def test_chat_batch_equals_chat_per_conversation(vision_chat, conversations):
 def generate(chat, conversations, max_new_tokens: int) -> tuple[list[list[int]], torch.Tensor]:
     """What chat_batch's generate() call gives for a left-padded batch of conversations: the new token ids
     (special tokens included) and the logits of every step [B, max_new_tokens, vocab]."""
-    embeds, mask = chat._embed_batch([chat.prepare(m) for m in conversations])
-    out = chat.model.lm.generate(inputs_embeds=embeds, attention_mask=mask, output_logits=True,
-                                 return_dict_in_generate=True, **chat._generate_kwargs(max_new_tokens, 0.0, 1.0))
+    ids, pixels, mask = chat._batch([chat.prepare(m) for m in conversations])
+    out = chat.model.generate(ids, pixels, attention_mask=mask, output_logits=True, return_dict_in_generate=True,
+                              **chat._generate_kwargs(max_new_tokens, 0.0, 1.0))
     return out.sequences.tolist(), torch.stack(out.logits, 1)
+
+
+@torch.no_grad()
+def test_generation_starts_from_the_logits_of_a_full_forward(never_stopping, conversations):
+    """What chat generates from equals the model's own forward on the prompt: with static image tokens (the
+    recipe's default for a tiny LM) too, which a generate on the LM alone, given the embeddings, would lose."""
+    assert never_stopping.model.static_image_tokens
+    for messages in conversations:
+        ids, pixels, _ = never_stopping._batch([never_stopping.prepare(messages)])
+        expected, _ = never_stopping.model(ids, pixels)
+        _, logits = generate(never_stopping, [messages], 1)
+        torch.testing.assert_close(logits[0, 0], expected[0, -1], rtol=0, atol=1e-4)
 
 
 def test_a_left_padded_batch_gives_each_conversation_its_own_logits(never_stopping, conversations):

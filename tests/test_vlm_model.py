@@ -323,3 +323,91 @@ def test_generate_continues_from_the_image_prompt(vlm, samples):
     new = model.generate(prompt, sample["pixel_values"], max_new_tokens=3, min_new_tokens=3, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id)
     assert new.shape == (1, 3) and new[0, 0] == logits[0, -1].argmax()  # only the continuation comes back
+
+
+def image_positions_entering(model, layer: int, input_ids, pixel_values) -> torch.Tensor:
+    """The hidden states at the <image> positions as `layer` of the LM receives them."""
+    from mm.vlm.model import decoder_layers
+
+    seen = []
+    handle = decoder_layers(model.lm)[layer].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("hidden_states", args[0] if args else None)),
+        with_kwargs=True)
+    try:
+        model(input_ids, pixel_values)
+    finally:
+        handle.remove()
+    return seen[0][input_ids == model.image_token_id]
+
+
+@torch.no_grad()
+def test_static_image_tokens_enter_every_layer_as_the_projector_gave_them(vlm, samples):
+    model, _ = vlm
+    static = copy.deepcopy(model)
+    static.set_static_image_tokens(True)
+    batch = pad_batch([samples[1]], pad_id=0)  # two images
+    projected = static.embed(batch["input_ids"], batch["pixel_values"])[batch["input_ids"] == model.image_token_id]
+    got = image_positions_entering(static, 1, batch["input_ids"], batch["pixel_values"])
+    assert torch.equal(got, projected)
+    moved = image_positions_entering(model, 1, batch["input_ids"], batch["pixel_values"])  # the default: processed
+    assert (moved - projected).abs().max() > 1e-2
+    # text reads them differently, so the logits differ; and switching it off again restores the model
+    assert not torch.allclose(static(batch["input_ids"], batch["pixel_values"])[0],
+                              model(batch["input_ids"], batch["pixel_values"])[0])
+    static.set_static_image_tokens(False)
+    assert torch.equal(static(batch["input_ids"], batch["pixel_values"])[0],
+                       model(batch["input_ids"], batch["pixel_values"])[0])
+
+
+@pytest.fixture
+def static_with(model_with):
+    model = copy.deepcopy(model_with)
+    model.set_static_image_tokens(True)
+    return model
+
+
+@torch.no_grad()
+def test_static_image_tokens_keep_packed_samples_apart(static_with, samples):
+    packed = pack_batch(samples)
+    logits, _ = static_with(packed["input_ids"], packed["pixel_values"], packed["labels"], packed["position_ids"])
+    for got, (expected, _, _) in zip(unpack(logits, packed["sample_index"]), [alone(static_with, s) for s in samples]):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_static_image_tokens_generate_with_the_cache_as_without(vlm, samples):
+    model, tokenizer = vlm
+    static = copy.deepcopy(model)
+    static.set_static_image_tokens(True)
+    sample = samples[1]
+    prompt = torch.tensor([sample["input_ids"][:sample["labels"].index(next(x for x in sample["labels"] if x >= 0))]])
+    new = static.generate(prompt, sample["pixel_values"], max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                          pad_token_id=tokenizer.pad_token_id)
+    # each new token is the argmax of one full forward over the prompt and the tokens before it, no cache
+    for k in range(new.shape[1]):
+        logits, _ = static(torch.cat([prompt, new[:, :k]], dim=1), sample["pixel_values"])
+        assert new[0, k] == logits[0, -1].argmax()
+    assert static.image_states.is_image is None  # nothing held after generation
+
+
+def test_static_image_tokens_survive_gradient_checkpointing_lora_and_save(vlm, samples, tmp_path):
+    model, tokenizer = vlm
+    packed = pack_batch(samples)
+    grads = []
+    for enabled in (False, True):
+        torch.manual_seed(0)  # the same LoRA init
+        net = apply_lora(copy.deepcopy(model), r=4, alpha=8).train()
+        net.set_static_image_tokens(True)
+        set_gradient_checkpointing(net, enabled)
+        _, loss = net(packed["input_ids"], packed["pixel_values"], packed["labels"], packed["position_ids"])
+        loss.backward()  # with checkpointing the layers rerun here, and their hooks with them
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+    net.eval()
+    out = save_vlm(net, tokenizer, tmp_path / "vlm")
+    loaded, _, config = load_vlm(out)
+    assert config["static_image_tokens"] is True and loaded.static_image_tokens
+    with torch.no_grad():
+        expected, _ = net(packed["input_ids"], packed["pixel_values"], position_ids=packed["position_ids"])
+        got, _ = loaded(packed["input_ids"], packed["pixel_values"], position_ids=packed["position_ids"])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

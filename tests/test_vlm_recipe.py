@@ -268,6 +268,26 @@ def test_auto_freezes_a_pretrained_tower_and_trains_one_from_scratch(args, froze
         assert all(p.requires_grad for p in model.projector.parameters())
 
 
+@pytest.mark.parametrize("args, static", [([], True), (["--static_image_tokens=false"], False)])
+def test_a_tiny_lm_from_scratch_keeps_image_tokens_static_unless_told(args, static, vlm_data, tmp_path):
+    recipe = load_recipe("vlm")
+    cfg = parse_config(recipe.VLMConfig, ["--config=tiny", f"--train_data={vlm_data}/train.jsonl",
+                                          "--vision=open_clip:mm-tiny-rn-32", *args], PRESETS)
+    model, _ = recipe.build_model(cfg, [cfg.train_data], tmp_path / "tokenizer", True)
+    assert model.static_image_tokens is static
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, static", [([], True), (["--static_image_tokens=false"], False)])
+def test_an_init_run_keeps_its_static_image_tokens_unless_told(args, static, trained_vlm, vlm_data, tmp_path):
+    recipe = load_recipe("vlm")
+    assert json.loads((trained_vlm / "export" / "vlm_config.json").read_text())["static_image_tokens"] is True
+    cfg = parse_config(recipe.VLMConfig, ["--config=tiny", f"--train_data={vlm_data}/train.jsonl",
+                                          f"--init_from={trained_vlm}", *args], PRESETS)
+    model, _ = recipe.build_model(cfg, [cfg.train_data], tmp_path / "tokenizer", True)
+    assert model.static_image_tokens is static
+
+
 def test_auto_freeze_follows_the_clip_default_run_and_what_an_init_run_did(vlm_data, trained_vlm, tmp_path,
                                                                            monkeypatch):
     """--vision=auto: frozen when the CLIP default run's export is there, trained when it is not. --init_from: frozen

@@ -119,15 +119,17 @@ class VisionChat:
                                 f"over the limit of {self.max_prompt_tokens} for a {self.context}-token context")
         return ids, (torch.stack(images) if images else None)
 
-    def _embed_batch(self, prepared: list[tuple[list[int], torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded prompt embeddings [B, T, D] with the images in place, and their attention mask [B, T]."""
+    def _batch(self, prepared: list[tuple[list[int], torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                                      torch.Tensor]:
+        """Left-padded prompt ids [B, T], their images [n, 3, H, W] | None, and the attention mask [B, T], for
+        the model's generate (which puts the images in, and keeps them static where the model does)."""
         width = max(len(ids) for ids, _ in prepared)
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(i)) + i for i, _ in prepared], device=self.device)
         mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i, _ in prepared], device=self.device)
         pixels = [p for _, p in prepared if p is not None]
         pixels = torch.cat(pixels).to(self.device) if pixels else None
-        return self.model.embed(ids, pixels), mask
+        return ids, pixels, mask
 
     def _generate_kwargs(self, max_new_tokens: int, temperature: float, top_p: float) -> dict:
         if max_new_tokens < 1:
@@ -147,8 +149,8 @@ class VisionChat:
         """Answer several conversations in one left-padded batch (the KV cache of `generate`)."""
         kwargs = self._generate_kwargs(max_new_tokens, temperature, top_p)
         prepared = [self.prepare(m, image_root) for m in conversations]
-        embeds, mask = self._embed_batch(prepared)
-        out = self.model.lm.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        ids, pixels, mask = self._batch(prepared)
+        out = self.model.generate(ids, pixels, attention_mask=mask, **kwargs)
         return [self._reply(row.tolist(), len(ids), max_new_tokens) for row, (ids, _) in zip(out, prepared)]
 
     def chat(self, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
@@ -178,8 +180,8 @@ class VisionChat:
         def work():
             try:
                 with torch.inference_mode():
-                    embeds, mask = self._embed_batch(prepared)
-                    self.model.lm.generate(inputs_embeds=embeds, attention_mask=mask, streamer=streamer, **kwargs)
+                    ids, pixels, mask = self._batch(prepared)
+                    self.model.generate(ids, pixels, attention_mask=mask, streamer=streamer, **kwargs)
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
                 errors.append(e)
                 streamer.end()

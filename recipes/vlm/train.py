@@ -79,6 +79,9 @@ class VLMConfig:
     pixel_shuffle: int = 1  # token reduction factor r: r^2 tokens -> 1 (1: off)
     image_positions: int = 16  # fixed 2-D sine features of each image token's grid cell, given to the projector with
     #                            it (0: off): a convnet's map does not say where a token is (mm.vlm.model.Projector)
+    static_image_tokens: bool | Literal["auto"] = "auto"  # image positions keep the projector's output through every
+    #                       LM layer, read by text through each layer's keys and values (mm.vlm.model.StaticImageStates);
+    #                       auto: on for the tiny LM from scratch, off for a pretrained one; an --init_from model's own
     attn_implementation: Literal["mm_varlen", "sdpa", "eager", "flash_attention_2"] = "mm_varlen"  # the LM's attention (mm_varlen: per packed sample, no T x T mask)
     init_from: str | None = None  # a previous vision-chat run or export to continue from (e.g. after --stage=align)
     # --- what trains
@@ -248,6 +251,8 @@ def build_model(cfg: VLMConfig, urls: list[str], tokenizer_dir: Path, is_main: b
     if cfg.init_from:
         from mm.vlm.inference import find_export
         model, tokenizer, _ = load_vlm(find_export(cfg.init_from), attn_implementation=cfg.attn_implementation)
+        if cfg.static_image_tokens != "auto":
+            model.set_static_image_tokens(cfg.static_image_tokens)
         return model.train(), tokenizer
     from mm.vlm.lm import TINY_LM_SIZES, load_lm
     from mm.vlm.vision import load_vision_tower
@@ -264,7 +269,9 @@ def build_model(cfg: VLMConfig, urls: list[str], tokenizer_dir: Path, is_main: b
     assert not tiny or cfg.lm_size in TINY_LM_SIZES
     spec, weights = choose_vision(cfg)
     vision = load_vision_tower(spec, weights, layer=cfg.vision_layer, image_size=cfg.image_size or None)
-    return build_vlm(vision, lm, tokenizer, pixel_shuffle=cfg.pixel_shuffle, position_dim=cfg.image_positions).train(), tokenizer
+    static = tiny if cfg.static_image_tokens == "auto" else cfg.static_image_tokens
+    return build_vlm(vision, lm, tokenizer, pixel_shuffle=cfg.pixel_shuffle, position_dim=cfg.image_positions,
+                     static_image_tokens=static).train(), tokenizer
 
 
 def tower_is_pretrained(cfg: VLMConfig) -> bool:
@@ -394,7 +401,8 @@ def main(argv: list[str]) -> dict:
     log.info("model: %s tower (%d tokens an image, %s) + projector + LM %s: %.2fM parameters, %.2fM training (stage "
              "%s%s); %s, %d process(es), device %s, precision %s", model.vision.describe().get("source"), image_tokens,
              "trained" if tower_trains else "frozen", cfg.lm if cfg.lm != "tiny" else f"tiny ({cfg.lm_size})",
-             n_params / 1e6, n_train / 1e6, cfg.stage, ", LoRA" if cfg.lora else "",
+             n_params / 1e6, n_train / 1e6, cfg.stage,
+             (", LoRA" if cfg.lora else "") + (", image tokens static" if model.static_image_tokens else ""),
              "packed" if cfg.packing else "padded", d.world_size, d.device, precision.name)
 
     # --- the loader: this rank's slice, continuing exactly where the checkpoint left it
