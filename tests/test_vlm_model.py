@@ -380,7 +380,8 @@ def test_static_image_tokens_generate_with_the_cache_as_without(vlm, samples):
     static = copy.deepcopy(model)
     static.set_static_image_tokens(True)
     sample = samples[1]
-    prompt = torch.tensor([sample["input_ids"][:sample["labels"].index(next(x for x in sample["labels"] if x >= 0))]])
+    first_target = next(i for i, x in enumerate(sample["labels"]) if x != IGNORE_INDEX)
+    prompt = torch.tensor([sample["input_ids"][:first_target]])
     new = static.generate(prompt, sample["pixel_values"], max_new_tokens=6, min_new_tokens=6, do_sample=False,
                           pad_token_id=tokenizer.pad_token_id)
     # each new token is the argmax of one full forward over the prompt and the tokens before it, no cache
