@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from mm.vlm.lm import CHATML_TEMPLATE, IMAGE_TOKEN, add_image_token, load_lm, named_tiny_lm_config
+from mm.vlm.lm import CHATML_TEMPLATE, IMAGE_TOKEN, TINY_ROPE_THETA, add_image_token, load_lm, named_tiny_lm_config
 
 TEXTS = ["A red circle on the left of a blue square.", "What colour is the triangle?",
          "The small green triangle is at the top right."] * 10
@@ -92,6 +92,23 @@ def test_named_sizes_and_clear_errors(tmp_path):
         load_lm("HuggingFaceTB/SmolLM2-135M-Instruct")
     with pytest.raises(ValueError, match="no tokenizer in"):
         load_lm("tiny", tokenizer_dir=tmp_path)
+
+
+def test_tiny_lm_rotary_pairs_mostly_match_by_content():
+    """mm.vlm.lm.TINY_ROPE_THETA: most rotary pairs of the tiny LM barely turn over 100 tokens, so they match by
+    content whatever the distance; Llama's 10,000 leaves two such pairs of sixteen."""
+    from transformers import AutoModelForCausalLM
+
+    def slow_pairs(config):
+        inv_freq = AutoModelForCausalLM.from_config(config).model.rotary_emb.inv_freq  # radians a token, per pair
+        assert len(inv_freq) == 16  # 128 wide, 4 heads of 32
+        return int((inv_freq * 100 < 0.05).sum())
+
+    config = named_tiny_lm_config("tiny-128", vocab_size=500)
+    assert config.rope_parameters["rope_theta"] == TINY_ROPE_THETA == 1e9
+    assert slow_pairs(config) == 10
+    config.rope_parameters["rope_theta"] = 10_000.0
+    assert slow_pairs(config) == 2
 
 
 def test_tiny_lm_weights_start_at_std_0_06():

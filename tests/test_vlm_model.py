@@ -245,6 +245,7 @@ def test_save_and_load_round_trip_without_the_original_files(tmp_path, samples):
     loaded, tokenizer2, config = load_vlm(out)
     assert config["tokens_per_image"] == 16 and config["extra"] == {"recipe": "test"} and config["image_size"] == 64
     assert loaded.projector.position_dim == 16
+    assert loaded.lm.config.rope_parameters["rope_theta"] == 1e9  # the tiny LM's (mm.vlm.lm.TINY_ROPE_THETA)
     assert loaded.lm.get_output_embeddings().weight is loaded.lm.get_input_embeddings().weight  # still tied
     packed = pack_batch(samples)
     with torch.no_grad():
