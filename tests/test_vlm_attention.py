@@ -87,6 +87,19 @@ def test_rows_with_end_pads_and_padded_batches_match_sdpa(samples):
         torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
 
 
+def test_grads_of_several_packed_rows_equal_the_dense_mask(samples):
+    """The backward through rows of different sample boundaries (each row split on its own), not only one row."""
+    model, dense = tiny_llama(varlen.ATTENTION_NAME), tiny_llama("sdpa")
+    rows = pack_rows(samples, row_tokens=30, pad_id=0)
+    assert rows["input_ids"].shape[0] > 1
+    _, total, grads = loss_and_grads(model, rows)
+    _, dense_total, dense_grads = loss_and_grads(dense, rows)
+    torch.testing.assert_close(total, dense_total, atol=1e-5, rtol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, dense_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+    assert grads["model.layers.0.self_attn.q_proj.weight"].abs().sum() > 0
+
+
 @torch.no_grad()
 def test_sample_boundaries_are_found_once_per_forward_not_per_layer(samples, monkeypatch):
     found, original = [], varlen.segment_starts

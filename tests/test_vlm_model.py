@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from mm.vlm.lm import load_lm
+from mm.vlm.lm import TINY_ROPE_THETA, load_lm
 from mm.vlm.model import (IGNORE_INDEX, Projector, apply_lora, batch_loss, build_vlm, freeze, grid_positions, lm_loss,
                           load_vlm, loss_positions, pack_batch, pad_batch,
                           param_groups, pixel_shuffle, save_vlm, sequence_logprobs, set_gradient_checkpointing, unpack)
@@ -245,7 +245,7 @@ def test_save_and_load_round_trip_without_the_original_files(tmp_path, samples):
     loaded, tokenizer2, config = load_vlm(out)
     assert config["tokens_per_image"] == 16 and config["extra"] == {"recipe": "test"} and config["image_size"] == 64
     assert loaded.projector.position_dim == 16
-    assert loaded.lm.config.rope_parameters["rope_theta"] == 1e9  # the tiny LM's (mm.vlm.lm.TINY_ROPE_THETA)
+    assert loaded.lm.config.rope_parameters["rope_theta"] == TINY_ROPE_THETA  # not Llama's 10,000
     assert loaded.lm.get_output_embeddings().weight is loaded.lm.get_input_embeddings().weight  # still tied
     packed = pack_batch(samples)
     with torch.no_grad():
