@@ -27,14 +27,14 @@ def test_epochs_follow_the_cookbook_rule(n, epochs):
 
 
 @pytest.mark.parametrize("n, epochs", [
-    (1, 25), (4, 25), (5, 20), (14, 7),  # n x 7 < 100: raised to 100 // n, at most 25
-    (15, 7), (8000, 7), (8571, 7),  # n x 7 within 100-60,000: 7 (8,000: the built-in data)
-    (8572, 6), (30_000, 2), (60_001, 1),  # n x 7 > 60,000: 60,000 // n, at least 1
+    (1, 25), (4, 25), (5, 20), (12, 8),  # n x 8 < 100: raised to 100 // n, at most 25
+    (13, 8), (8000, 8),  # n x 8 within 100-64,000: 8 (8,000, the built-in data, at the top)
+    (8001, 7), (30_000, 2), (64_001, 1),  # n x 8 > 64,000: 64,000 // n, at least 1
 ])
 def test_epochs_for_an_lm_from_scratch_follow_the_rule_aiming_higher(n, epochs):
     choice = auto_epochs(n, from_scratch=True)
     assert choice.value == epochs
-    assert choice.reason.startswith(f"{epochs} epochs: {n} examples x 7 epochs")
+    assert choice.reason.startswith(f"{epochs} epochs: {n} examples x 8 epochs")
     assert choice.reason.endswith("(an LM from scratch: the cookbook's rule, aiming higher)")
     assert auto_epochs(8000).value == 3  # a pretrained LM on the built-in data: the cookbook's rule as it is
 
@@ -76,13 +76,13 @@ def schedule(*args, n_examples: int, mean_tokens: float) -> dict:
 
 
 def test_schedule_of_a_small_set_counts_the_examples_a_pack_holds():
-    """60 examples of ~110 tokens: auto gives 7 epochs (a tiny LM from scratch) of batch 1, but a pack is at least
-    --max_tokens=256 long, so a step takes 256/110 examples; the steps are those of 7 epochs at that rate, not 420."""
+    """60 examples of ~110 tokens: auto gives 8 epochs (a tiny LM from scratch) of batch 1, but a pack is at least
+    --max_tokens=256 long, so a step takes 256/110 examples; the steps are those of 8 epochs at that rate, not 480."""
     got = schedule("--config=tiny", "--n_epochs=auto", "--batch_size=auto", "--lr_multiplier=auto", "--max_steps=0",
                    n_examples=60, mean_tokens=110.0)
     assert {k: got[k] for k in ("n_epochs", "batch_size", "lr_multiplier", "grad_accum", "pack_tokens")} == \
-        {"n_epochs": 7, "batch_size": 1, "lr_multiplier": 2.0, "grad_accum": 1, "pack_tokens": 256}
-    assert got["max_steps"] == math.ceil(60 * 7 / (256 / 110)) == 181
+        {"n_epochs": 8, "batch_size": 1, "lr_multiplier": 2.0, "grad_accum": 1, "pack_tokens": 256}
+    assert got["max_steps"] == math.ceil(60 * 8 / (256 / 110)) == 207
 
 
 def test_schedule_of_a_large_set_accumulates_packs_to_the_batch():
@@ -93,7 +93,7 @@ def test_schedule_of_a_large_set_accumulates_packs_to_the_batch():
     assert {k: got[k] for k in ("n_epochs", "batch_size", "lr_multiplier", "grad_accum", "pack_tokens")} == \
         {"n_epochs": 3, "batch_size": 10, "lr_multiplier": 1.0, "grad_accum": 3, "pack_tokens": 2000}
     assert got["max_steps"] == steps_for(5000, 3, 10) == 1500
-    assert schedule("--n_epochs=auto", n_examples=5000, mean_tokens=600.0)["max_steps"] == 3500  # the tiny LM: 7
+    assert schedule("--n_epochs=auto", n_examples=5000, mean_tokens=600.0)["max_steps"] == 4000  # the tiny LM: 8
     assert schedule("--n_epochs=auto", "--init_from=runs/vlm", n_examples=5000, mean_tokens=600.0)["n_epochs"] == 3
 
 

@@ -218,14 +218,14 @@ def test_dry_run_prints_tokens_epochs_and_time_and_trains_nothing(vlm_data, tmp_
     out = tmp_path / "run"
     proc = run_here([*data_args(vlm_data, out), "--config=tiny", "--dry_run=true", "--n_epochs=auto",
                      "--batch_size=auto", "--lr_multiplier=auto", "--max_steps=0"])
-    match = re.search(r"dry run: 60 examples, ([\d,]+) tokens \([\d,]+ in the loss\) x 7 epochs = ([\d,]+) tokens; "
+    match = re.search(r"dry run: 60 examples, ([\d,]+) tokens \([\d,]+ in the loss\) x 8 epochs = ([\d,]+) tokens; "
                       r"(\d+) steps of 1 x 256-token packs; ~[\d.]+ s a step here, so ~[\d.]+ min on cpu", proc.stdout)
     assert match, proc.stdout
     tokens, total, steps = (int(g.replace(",", "")) for g in match.groups())
-    assert total == 7 * tokens and tokens > 60 * 50
+    assert total == 8 * tokens and tokens > 60 * 50
     # a batch of 1 example is shorter than a pack, so a step holds a 256-token pack's worth of examples
-    assert steps == steps_for(60, 7, max(1, 1 * 256 / (tokens / 60))) == math.ceil(7 * tokens / 256)
-    assert "auto: 7 epochs: 60 examples x 7 epochs is within 100-60,000 (an LM from scratch" in proc.stderr
+    assert steps == steps_for(60, 8, max(1, 1 * 256 / (tokens / 60))) == math.ceil(8 * tokens / 256)
+    assert "auto: 8 epochs: 60 examples x 8 epochs is within 100-64,000 (an LM from scratch" in proc.stderr
     assert not (out / "checkpoints").exists() and not (out / "export").exists()
     assert not (out / "metrics.jsonl").exists()
 
