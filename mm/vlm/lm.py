@@ -44,12 +44,13 @@ TINY_INIT_STD = 0.06
 # conversation. With 32-wide heads at 10,000, 14 of the 16 rotary pairs turn by more than 0.05 rad over 100 tokens,
 # so every content match also depends on the distance, and a model learnt from scratch must learn it at each
 # distance (a hypothesis, from the count of pairs). At 1e9, 10 of the 16 turn by less: channels that match by
-# content alone, while the fastest pairs still give order. Barbero et al. 2024 ("Round and Round We Go!") found trained LMs use RoPE's slowest pairs as such
-# semantic channels. A config value, not a new position scheme, so the model stays a plain Llama that transformers
-# (and the TRL benchmark's LLaVA) load as is. Seeds 0-7 of the built-in run (static image tokens, a 2-core Xeon):
-# a mean of 0.866 with 7 of 8 at 0.85 or more, against 0.861 with 5 of 8 at 10,000. The two seeds that lagged in
-# binding a colour to a shape rose (0.838 -> 0.876, 0.839 -> 0.872), two others fell by 0.014-0.019: a small gain
-# that eight seeds cannot separate from noise (paired t 0.7), kept for the weak tail (benchmarks/RESULTS.md).
+# content alone, while the fastest pairs still give order. Barbero et al. 2024 ("Round and Round We Go!") found
+# trained LMs use RoPE's slowest pairs as such semantic channels. A config value, not a new position scheme, so the
+# model stays a plain Llama that transformers (and the TRL benchmark's LLaVA) load as is. Seeds 0-7 of the built-in
+# run (static image tokens, 7 epochs, a 2-core Xeon): a mean of 0.866 with 7 of 8 at 0.85 or more, against 0.861
+# with 5 of 8 at 10,000. The two seeds that lagged in binding a colour to a shape rose (0.838 -> 0.876, 0.839 ->
+# 0.872), two others fell by 0.014-0.019: a small gain that eight seeds cannot separate from noise (paired t 0.7),
+# kept for the weak tail (benchmarks/RESULTS.md).
 TINY_ROPE_THETA = 1e9
 
 
